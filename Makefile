@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CONFIG  ?= config.yaml
+# A machine with an NVIDIA GPU gets CUDA torch + faiss-gpu; any other the CPU build (see NOTES: a bare
+# `torch` pulls a multi-GB CUDA build, so the CPU one is pinned and installed first).
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
+FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
+STAMP   := $(VENV)/.installed-$(FLAVOUR)
+
+.PHONY: install demo test bench data clean-data
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(FLAVOUR),test]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fct upgrade --config $(CONFIG)
+
+data: $(STAMP)
+	$(VENV)/bin/fct data --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/fct bench --config $(CONFIG)

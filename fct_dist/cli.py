@@ -1,0 +1,157 @@
+"""`fct <stage>`: thin command-line callers of the library's stage functions."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from . import config as config_mod
+from .config import Config, ConfigError
+from .lake import LakeError
+from .models.registry import ArtefactError
+from .storage import Store, StorageError, open_store
+
+CLEAR_ERRORS = (ConfigError, LakeError, StorageError, ArtefactError, FileNotFoundError, ValueError)
+
+
+def _data(cfg: Config, store: Store, a) -> None:
+    from . import datasets
+    if a.from_folder:
+        cfg.data.source, cfg.data.folder = "folder", a.from_folder
+    datasets.fill(cfg, store)
+
+
+def _train(stage: str):
+    def run(cfg: Config, store: Store, a) -> None:
+        from .train import stages
+        if stage == "old":
+            stages.train_old(cfg, store, force=a.force)
+        elif stage == "side":
+            stages.train_side_info(cfg, store, force=a.force)
+        elif stage == "new":
+            stages.train_new(cfg, store, bct=a.bct, force=a.force)
+        else:
+            stages.train_transformation(cfg, store, use_side=not a.no_side, force=a.force)
+    return run
+
+
+def _extract(cfg: Config, store: Store, a) -> None:
+    from .pipeline import extract
+    models = dict(m.split("=", 1) if "=" in m else (m, m) for m in a.model)
+    extract.extract(cfg, store, a.split, models, a.name or "-".join(models.values()))
+
+
+def _backfill(cfg: Config, store: Store, a) -> None:
+    from .pipeline import backfill
+    backfill.backfill(cfg, store, a.model, a.split)
+
+
+def _index(cfg: Config, store: Store, a) -> None:
+    from .pipeline import index
+    index.build(cfg, store, a.lake, a.split, a.column)
+
+
+def _search(cfg: Config, store: Store, a) -> None:
+    from .pipeline import index
+    if a.vectors:
+        queries = np.load(a.vectors).astype(np.float32)
+        ids = None
+    else:
+        from . import lake
+        ids, queries = index.embed_images(store, a.model, a.split, a.ids)
+    d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe)
+    for row in range(len(queries)):
+        head = f"query {ids[row]}" if ids is not None else f"query {row}"
+        print(f"{head}: " + " ".join(f"{int(x)}({dist:.3f})" for x, dist in zip(i[row], d[row]) if x >= 0))
+
+
+def _evaluate(cfg: Config, store: Store, a) -> None:
+    from . import evaluate
+    evaluate.matrix(cfg, store, print_table=True)
+
+
+def _upgrade(cfg: Config, store: Store, a) -> None:
+    from . import upgrade
+    upgrade.upgrade(cfg, store, seeds=a.seeds, force=a.force)
+
+
+def _bench(cfg: Config, store: Store, a) -> None:
+    from . import bench
+    bench.run(cfg, store)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fct", description="Backfill-free embedding upgrades (FCT) on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (default: the embedded defaults)")
+    common.add_argument("--preset", help="overlay a named preset (e.g. tiny)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def cmd(name: str, fn, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, parents=[common], help=help)
+        s.set_defaults(fn=fn)
+        return s
+
+    cmd("data", _data, "fill the image lake").add_argument("--from-folder", help="DIR/<class>/*.png|jpg")
+    for name, stage, help in (("train-old", "old", "train the old model"),
+                              ("train-side-info", "side", "train the side-info model"),
+                              ("train-new", "new", "train the new model (or the BCT baseline)"),
+                              ("train-transformation", "h", "train h(old, side) -> new")):
+        s = cmd(name, _train(stage), help)
+        s.add_argument("--force", action="store_true", help="retrain even when the artefact is current")
+        if stage == "new":
+            s.add_argument("--bct", action="store_true", help="train BCT's compatible baseline instead")
+        if stage == "h":
+            s.add_argument("--no-side", action="store_true", help="the ablation without side-info")
+    s = cmd("extract", _extract, "embed images with one or more models")
+    s.add_argument("--model", action="append", required=True, metavar="[COLUMN=]MODEL")
+    s.add_argument("--split", default="test")
+    s.add_argument("--name", help="output lake name (default: the model names)")
+    s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
+    s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
+    s.add_argument("--split", default="test")
+    s = cmd("index", _index, "build a sharded FAISS index from an embedding lake")
+    s.add_argument("--lake", default="fct")
+    s.add_argument("--split", default="test")
+    s.add_argument("--column", default="emb")
+    s = cmd("search", _search, "top-k search of the sharded index")
+    s.add_argument("--lake", default="fct")
+    s.add_argument("--split", default="test")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--vectors", help=".npy file of query vectors (n, d)")
+    s.add_argument("--model", default="new", help="embed query images with this model")
+    s.add_argument("--ids", type=int, nargs="*", default=[], help="image ids (of --split) to use as queries")
+    cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
+    s = cmd("upgrade", _upgrade, "every stage in order, then the report")
+    s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
+    s.add_argument("--force", action="store_true", help="rerun every stage")
+    cmd("bench", _bench, "backfill vs plain loop throughput")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        cfg = config_mod.load(a.config, a.set, a.preset)
+        a.fn(cfg, open_store(cfg.storage), a)
+    except CLEAR_ERRORS as e:
+        print(f"fct {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray wraps a stage's own error; surface its message
+        cause = e
+        while not isinstance(cause, CLEAR_ERRORS) and (cause.__cause__ or getattr(cause, "cause", None)):
+            cause = cause.__cause__ or cause.cause
+        if isinstance(cause, CLEAR_ERRORS):
+            print(f"fct {a.cmd}: error: {cause}", file=sys.stderr)
+            return 2
+        raise
+    print(f"fct {a.cmd}: done in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

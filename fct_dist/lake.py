@@ -1,0 +1,216 @@
+"""The Parquet lakes of DESIGN.md: schemas, validated readers and atomic writers.
+
+Image lake:     images/{split}/part-*.parquet      id int64, image binary (PNG/JPEG), label int32
+Embedding lake: embeddings/{name}/{split}/part-*   id int64 + one fixed_size_list<float32>[d] per model
+                (file metadata key `fct`: JSON with the producing model of every vector column)
+Every finished dataset directory holds a `_manifest.json`, written last.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .storage import Store, StorageError
+
+IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
+META_KEY = b"fct"
+
+
+class LakeError(ValueError):
+    """A lake file whose content is not what the reader expects; the message names the file."""
+
+
+def vector_type(d: int) -> pa.DataType:
+    return pa.list_(pa.float32(), d)
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, d) float array -> fixed_size_list<float32>[d]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<float32>[d] (bare or as arrow.fixed_shape_tensor storage) -> (n, d) float32."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if isinstance(col, pa.ExtensionArray):
+        col = col.storage
+    d = col.type.list_size
+    # .values keeps the slots of null rows (flatten would drop them); missing floats read as NaN
+    values = col.values.slice(col.offset * d, len(col) * d)
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+
+
+def vector_dim(t: pa.DataType) -> int | None:
+    """d for a fixed_size_list<float32>[d] column (or its tensor-extension wrapper), else None."""
+    if isinstance(t, pa.BaseExtensionType):
+        t = t.storage_type
+    if pa.types.is_fixed_size_list(t) and t.value_type == pa.float32():
+        return t.list_size
+    return None
+
+
+def producer_of(schema: pa.Schema) -> dict:
+    """The `fct` metadata a writer attached: {column: {model, version, dim}, ...}."""
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def embedding_table(ids: np.ndarray, vectors: dict[str, np.ndarray], producer: dict,
+                    id_col: str = "id") -> pa.Table:
+    cols = {id_col: pa.array(np.asarray(ids, dtype=np.int64))} | {k: to_arrow(v) for k, v in vectors.items()}
+    table = pa.table(cols)
+    return table.replace_schema_metadata({META_KEY: json.dumps(producer, sort_keys=True)})
+
+
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_part(store: Store, path: str, table: pa.Table) -> int:
+    """Atomically write one Parquet file; returns its size in bytes."""
+    buf = parquet_bytes(table)
+    store.write_bytes(path, buf)
+    return buf.size
+
+
+def check_schema(schema: pa.Schema, expected: dict[str, pa.DataType | int], where: str) -> None:
+    """`expected` maps column -> Arrow type, or -> d for a vector column of dim d."""
+    for name, want in expected.items():
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            raise LakeError(f"{where}: missing column {name!r}; columns present: {', '.join(schema.names)}")
+        got = schema.field(idx).type
+        if isinstance(want, int):
+            d = vector_dim(got)
+            if d is None:
+                raise LakeError(f"{where}: column {name!r} has type {got}; expected fixed_size_list<float32>[{want}]")
+            if d != want:
+                raise LakeError(f"{where}: column {name!r} has dim {d}; expected {want}")
+        elif got != want:
+            raise LakeError(f"{where}: column {name!r} has type {got}; expected {want}")
+
+
+def duplicate_ids(ids: np.ndarray) -> np.ndarray:
+    uniq, counts = np.unique(ids, return_counts=True)
+    return uniq[counts > 1]
+
+
+def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
+              columns: Iterable[str] | None = None, id_col: str = "id") -> pa.Table:
+    """Read one Parquet file, check its schema and that its ids are unique; errors name the file."""
+    where = store.uri(path)
+    try:
+        with store.fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            check_schema(pf.schema_arrow, expected, where)
+            table = pf.read(columns=list(columns) if columns else None)
+    except LakeError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise LakeError(f"{where}: not a readable Parquet file ({e})") from None
+    if id_col in table.column_names:
+        dups = duplicate_ids(table[id_col].to_numpy())
+        if len(dups):
+            raise LakeError(f"{where}: duplicate ids {dups[:10].tolist()} (column {id_col!r})")
+    return table
+
+
+def parts(store: Store, directory: str) -> list[str]:
+    files = store.list(directory, ".parquet")
+    if not files:
+        raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
+    return files
+
+
+def read_lake(store: Store, directory: str, expected: dict[str, pa.DataType | int],
+              columns: Iterable[str] | None = None, id_col: str = "id") -> pa.Table:
+    """Read a whole (small) lake into one table, validated file by file; ids unique across files."""
+    files = parts(store, directory)
+    tables = [read_part(store, path, expected, columns, id_col) for path in files]
+    ids = np.concatenate([t[id_col].to_numpy() for t in tables])
+    dups = duplicate_ids(ids)
+    if len(dups):
+        where = [store.uri(p) for p, t in zip(files, tables) if np.isin(dups[0], t[id_col].to_numpy())]
+        raise LakeError(f"duplicate id {int(dups[0])} ({len(dups)} duplicated ids in all) in {' and '.join(where)}")
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="PNG")
+    return out.getvalue()
+
+
+def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
+                  ids: np.ndarray | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (n, C, H, W); an image that does not decode is named by id."""
+    values = col.to_pylist() if hasattr(col, "to_pylist") else col
+    out = []
+    for i, b in enumerate(values):
+        try:
+            a = np.asarray(Image.open(io.BytesIO(b)))
+        except Exception as e:  # PIL raises many types for corrupt bytes
+            who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
+            raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if len({a.shape for a in out}) > 1:
+        raise LakeError(f"{where}: images of different sizes {sorted({a.shape for a in out})}; "
+                        "expected one size per lake")
+    return np.stack(out) if out else np.zeros((0, 1, 1, 1), np.uint8)
+
+
+def write_image_split(store: Store, split: str, ids: np.ndarray, images: list[bytes], labels: np.ndarray,
+                      rows_per_file: int, producer: dict) -> dict:
+    """Write encoded images to images/{split}/ and then its manifest; returns the manifest."""
+    directory = store.path("images", split)
+    if store.exists(directory):
+        store.delete(directory)
+    files, nbytes = [], 0
+    for k, start in enumerate(range(0, len(ids), rows_per_file)):
+        sl = slice(start, start + rows_per_file)
+        table = pa.table({"id": pa.array(ids[sl], pa.int64()), "image": pa.array(images[sl], pa.binary()),
+                          "label": pa.array(labels[sl], pa.int32())}, schema=IMAGE_SCHEMA)
+        path = f"{directory}/{part_name(k)}"
+        nbytes += write_part(store, path, table)
+        files.append(path.rsplit("/", 1)[1])
+    shape = decode_images(images[:1], store.uri(directory)).shape[1:] if images else ()
+    manifest = {"kind": "images", "split": split, "rows": int(len(ids)), "files": files, "bytes": nbytes,
+                "schema": IMAGE_SCHEMA.to_string(), "image_shape": list(shape),
+                "labels": sorted(int(c) for c in np.unique(labels)), "producer": producer}
+    store.write_manifest(directory, manifest)
+    return manifest
+
+
+def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, uint8 images (n, C, H, W), labels) of one split, optionally only some labels / the first `limit`."""
+    directory = store.path("images", split)
+    image_manifest(store, split)
+    table = read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
+    y = table["label"].to_numpy()
+    keep = np.isin(y, list(labels)) if labels is not None else np.ones(len(y), bool)
+    idx = np.flatnonzero(keep)[:limit]
+    ids = table["id"].to_numpy()[idx]
+    return ids, decode_images(table["image"].take(idx), store.uri(directory), ids), y[idx]
+
+
+def image_manifest(store: Store, split: str) -> dict:
+    try:
+        return store.manifest(store.path("images", split))
+    except StorageError as e:
+        raise LakeError(f"{e}; fill the image lake first with `fct data`") from None

@@ -1,0 +1,81 @@
+"""`fct backfill`: the stored lake (id, old, side) -> h on the actors' devices -> new lake (id, emb).
+
+No image is read. See filemap.py for the exactly-once design."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from .. import lake
+from ..config import Columns, Config, digest
+from ..lake import LakeError
+from ..models import registry
+from ..runtime import init_ray
+from ..storage import Store
+from . import filemap
+from .device import place
+
+
+class TransformFn:
+    """h on the actor's device; rows with null, NaN or inf vectors are invalid."""
+
+    def __init__(self, store: Store, h_name: str, cols: Columns, precision: str):
+        module, meta = registry.load(store, h_name, {"kind": "transformation"})
+        self.h, self.device, self.dtype = place(module, precision)
+        self.cols, self.use_side = cols, meta["arch"]["use_side"]
+
+    @torch.no_grad()
+    def __call__(self, rb: pa.RecordBatch):
+        c = self.cols
+        old, side = lake.to_numpy(rb.column(c.old)), lake.to_numpy(rb.column(c.side))
+        null = pc.or_(rb.column(c.old).is_null(), rb.column(c.side).is_null()).to_numpy(zero_copy_only=False)
+        ok_old, ok_side = np.isfinite(old).all(1), np.isfinite(side).all(1)
+        invalid = null | ~ok_old | ~ok_side
+        reasons = ["null vector" if n else f"NaN/inf in {c.old if not o else c.side}"
+                   for n, o in zip(null[invalid], ok_old[invalid])]
+        keep = ~invalid
+        to = functools.partial(torch.as_tensor, device=self.device, dtype=self.dtype)
+        out = self.h(to(old[keep]), to(side[keep])) if keep.any() else torch.zeros(0, 0)
+        return invalid, reasons, {c.out: out.float().cpu().numpy()}
+
+
+def check_inputs(store: Store, first_file: str, cols: Columns, meta: dict) -> None:
+    """Before any work: the lake's dims (and producers, when recorded) must be what h was trained on."""
+    where = store.uri(first_file)
+    with store.fs.open_input_file(first_file) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    lake.check_schema(schema, {cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
+                      where)
+    filemap.check_versions(schema, {cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]}, where)
+    if not lake.producer_of(schema):
+        print(f"[backfill] note: {where} records no producer metadata; only its dims could be checked")
+
+
+def backfill(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> dict:
+    """Apply models/{h_name} to every row of the stored lake; writes embeddings/{h_name}/{split}."""
+    init_ray(cfg)
+    b, cols = cfg.backfill, cfg.backfill.columns
+    in_dir = b.input.rstrip("/") if b.input else store.path("embeddings", "stored", split)
+    out_dir = b.output.rstrip("/") if b.output else store.path("embeddings", h_name, split)
+    meta = registry.read_meta(store, h_name)
+    if meta.get("kind") != "transformation":
+        raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
+    inputs = lake.parts(store, in_dir)
+    check_inputs(store, inputs[0], cols, meta)
+    producer = {cols.out: {
+        "model": h_name, "version": meta["version"], "dim": meta["dims"]["new"],
+        "inputs": {"old": meta["producers"]["old"], "side": meta["producers"]["side"]}}}
+    job = filemap.FileJob(
+        store=store, inputs=inputs, out_dir=out_dir, rejected_dir=store.path("rejected", h_name, split),
+        expected={cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
+        columns=[cols.id, cols.old, cols.side],
+        make_fn=functools.partial(TransformFn, store, h_name, cols, b.precision), producer=producer,
+        fingerprint=digest(producer, b.precision, cols.__dict__), actors=b, id_col=cols.id, name="backfill",
+        expect_versions={cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]},
+        extra_manifest={"source": store.uri(in_dir)})
+    return filemap.run(job)

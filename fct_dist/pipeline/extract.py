@@ -1,0 +1,74 @@
+"""`fct extract`: images -> one or more frozen models in one pass (decode once) -> embedding lake."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import lake
+from ..config import Config, digest
+from ..lake import LakeError
+from ..models import registry
+from ..runtime import init_ray
+from ..storage import Store
+from . import filemap
+from .device import place
+
+
+class ExtractFn:
+    """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows."""
+
+    def __init__(self, store: Store, models: dict[str, str], precision: str):
+        self.models = {}
+        for col, name in models.items():
+            module, meta = registry.load(store, name)
+            self.models[col], self.device, self.dtype = place(registry.embedder(meta["kind"], module), precision)
+
+    @torch.no_grad()
+    def __call__(self, rb: pa.RecordBatch):
+        images, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
+        for i, b in enumerate(rb.column("image").to_pylist()):
+            try:
+                images.append(lake.decode_images([b]))
+            except LakeError as e:
+                invalid[i] = True
+                reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")
+        if not images:
+            return invalid, reasons, {c: np.zeros((0, 0), np.float32) for c in self.models}
+        x = torch.from_numpy(np.concatenate(images)).to(self.device)
+        return invalid, reasons, {c: m(x).float().cpu().numpy() for c, m in self.models.items()}
+
+
+def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> dict:
+    """Embed images/{split} with `models` ({output column: artefact name}) into embeddings/{out_name}/{split}."""
+    init_ray(cfg)
+    image_dir = store.path("images", split)
+    producer = {}
+    for col, name in models.items():
+        meta = registry.read_meta(store, name)
+        producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
+    job = filemap.FileJob(
+        store=store, inputs=lake.parts(store, image_dir), out_dir=store.path("embeddings", out_name, split),
+        rejected_dir=store.path("rejected", out_name, split),
+        expected={"id": pa.int64(), "image": pa.binary()}, columns=["id", "image"],
+        make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision), producer=producer,
+        fingerprint=digest(producer, lake.image_manifest(store, split), cfg.extract.precision),
+        actors=cfg.extract, name="extract", extra_manifest={"source": store.uri(image_dir)})
+    return filemap.run(job)
+
+
+def stored(cfg: Config, store: Store, split: str = "test") -> dict:
+    """The lake kept at old-model time: id, old, side."""
+    return extract(cfg, store, split, {"old": "old", "side": "side"}, "stored")
+
+
+def features(cfg: Config, store: Store, split: str) -> dict:
+    """The transformation's training features: id, old, side, new."""
+    return extract(cfg, store, split, {"old": "old", "side": "side", "new": "new"}, "features")
+
+
+def reextract(cfg: Config, store: Store, model: str, split: str = "test") -> dict:
+    """Full re-extraction: images through one model alone (the baseline a backfill avoids)."""
+    return extract(cfg, store, split, {"emb": model}, model)
