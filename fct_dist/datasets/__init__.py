@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from .. import lake
-from ..config import Config
+from ..config import Config, digest
 from ..storage import Store
 from . import demo, folder, synthetic
 
@@ -16,6 +16,17 @@ def old_classes(labels: list[int], k: int, seed: int) -> list[int]:
     if k > len(labels):
         raise ValueError(f"data.num_old_classes={k} but the image lake has only {len(labels)} classes")
     return sorted(int(labels[i]) for i in np.random.default_rng(seed).permutation(len(labels))[:k])
+
+
+def data_digest(cfg: Config) -> str:
+    """What the image lake depends on: the data section, less where downloads are cached."""
+    return digest({k: v for k, v in cfg.to_dict()["data"].items() if k != "cache_dir"})
+
+
+def is_current(cfg: Config, store: Store) -> bool:
+    return all(store.has_manifest(store.path("images", s)) and
+               store.manifest(store.path("images", s))["producer"].get("config") == data_digest(cfg)
+               for s in ("train", "test"))
 
 
 def fill(cfg: Config, store: Store, limit: int | None = None) -> dict[str, dict]:
@@ -37,6 +48,7 @@ def fill(cfg: Config, store: Store, limit: int | None = None) -> dict[str, dict]
                                     s.channels, s.seed)
             producer = {"source": "synthetic"} | vars(s)
         splits = {k: (ids, [lake.encode_png(im) for im in imgs], labels) for k, (ids, imgs, labels) in arrays.items()}
+    producer["config"] = data_digest(cfg)
     out = {split: lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer)
            for split, (ids, images, labels) in splits.items()}
     sizes = ", ".join(f"{k} {m['rows']} rows" for k, m in out.items())

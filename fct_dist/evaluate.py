@@ -1,0 +1,147 @@
+"""Retrieval evaluation with FCT's protocol, and the compatibility matrix.
+
+Query set = gallery set = one split; each query's own item is excluded; L2 on unnormalised features.
+CMC top-k: a hit when any same-class item is within rank k. mAP over the full ranking. Ties in
+distance are broken by gallery order (a stable sort), the same way the reference tests do. Queries
+with no same-class item in the gallery are left out of both and counted.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import lake
+from .config import Config
+from .storage import Store
+
+# The gallery / query sources of the matrix: model name -> (embedding lake, column).
+SOURCES = {"old": ("stored", "old"), "side": ("stored", "side"), "new": ("new", "emb"), "bct": ("bct", "emb"),
+           "fct": ("fct", "emb"), "fct-noside": ("fct-noside", "emb")}
+CASES = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old"),
+         ("bct", "bct"), ("new", "old"), ("side", "side")]
+LABELS = {"old": "old", "new": "new", "fct": "FCT (with side-info)", "fct-noside": "FCT (no side-info)",
+          "bct": "BCT-new", "side": "side-info"}
+
+
+def _pad(x: np.ndarray, d: int) -> np.ndarray:
+    return np.pad(x, ((0, 0), (0, d - x.shape[1]))) if x.shape[1] < d else x
+
+
+def exact_ranking(q: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g: np.ndarray, g_labels: np.ndarray,
+                  g_ids: np.ndarray, max_rank: int, block_size: int) -> dict:
+    """CMC[1..max_rank] and mAP over the full ranking, computed in blocks of queries."""
+    d = max(q.shape[1], g.shape[1])  # a smaller-dim side is zero-padded (only the incompatible case)
+    qt, gt = torch.from_numpy(_pad(q, d)).double(), torch.from_numpy(_pad(g, d)).double()
+    gl, gi = torch.from_numpy(g_labels), torch.from_numpy(g_ids)
+    g_sq = (gt * gt).sum(1)
+    hits, ap_sum, counted = np.zeros(max_rank), 0.0, 0
+    for s in range(0, len(q), block_size):
+        qb = qt[s:s + block_size]
+        dist = (qb * qb).sum(1, keepdim=True) + g_sq[None] - 2 * qb @ gt.T  # (b, n)
+        order = torch.sort(dist, dim=1, stable=True).indices
+        keep = gi[order] != torch.from_numpy(q_ids[s:s + block_size])[:, None]  # drop the query itself
+        match = (gl[order] == torch.from_numpy(q_labels[s:s + block_size])[:, None]) & keep
+        n_pos = match.sum(1)
+        valid = n_pos > 0
+        rank = keep.cumsum(1)  # 1-based rank among kept items
+        precision = match.cumsum(1) / rank.clamp(min=1)
+        ap = (precision * match).sum(1) / n_pos.clamp(min=1)
+        first = torch.where(match, rank, torch.iinfo(torch.int64).max).min(1).values  # rank of first hit
+        ap_sum += float(ap[valid].sum())
+        counted += int(valid.sum())
+        for k in range(max_rank):
+            hits[k] += int((first[valid] <= k + 1).sum())
+    return {"cmc": (hits / max(1, counted)).tolist(), "map": ap_sum / max(1, counted),
+            "queries": counted, "queries_without_match": int(len(q) - counted), "method": "exact"}
+
+
+def ranking_from_neighbours(nbr_ids: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g_labels: np.ndarray,
+                            g_ids: np.ndarray, max_rank: int) -> dict:
+    """The same metrics from top-k neighbour ids (FAISS search); mAP is then mAP@k."""
+    order = np.argsort(g_ids)
+    pos = np.searchsorted(g_ids[order], nbr_ids.clip(min=0))
+    nbr_labels = np.where(nbr_ids >= 0, g_labels[order][pos.clip(max=len(order) - 1)], -1)
+    keep = (nbr_ids != q_ids[:, None]) & (nbr_ids >= 0)
+    match = (nbr_labels == q_labels[:, None]) & keep
+    class_sizes = dict(zip(*np.unique(g_labels, return_counts=True)))
+    n_pos = np.array([class_sizes.get(c, 0) for c in q_labels]) - np.isin(q_ids, g_ids)
+    valid = n_pos > 0
+    rank = keep.cumsum(1)
+    precision = match.cumsum(1) / np.maximum(rank, 1)
+    ap = (precision * match).sum(1) / np.maximum(np.minimum(n_pos, keep.sum(1)), 1)
+    first = np.where(match, rank, np.iinfo(np.int64).max).min(1)
+    cmc = [float((first[valid] <= k + 1).mean()) for k in range(max_rank)]
+    return {"cmc": cmc, "map": float(ap[valid].mean()), "queries": int(valid.sum()),
+            "queries_without_match": int((~valid).sum()), "method": f"faiss top-{nbr_ids.shape[1]} (mAP@k)"}
+
+
+def load_source(store: Store, model: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, vectors) of one model's embeddings of `split`."""
+    name, col = SOURCES[model]
+    directory = store.path("embeddings", name, split)
+    store.manifest(directory)
+    t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
+    return t["id"].to_numpy(), lake.to_numpy(t[col])
+
+
+def labels_of(store: Store, split: str, ids: np.ndarray) -> np.ndarray:
+    t = lake.read_lake(store, store.path("images", split), {"id": pa.int64(), "label": pa.int32()},
+                       columns=["id", "label"]).sort_by("id")
+    all_ids, labels = t["id"].to_numpy(), t["label"].to_numpy()
+    pos = np.searchsorted(all_ids, ids)
+    if (pos >= len(all_ids)).any() or (all_ids[pos.clip(max=len(all_ids) - 1)] != ids).any():
+        raise lake.LakeError(f"embedding ids not found in images/{split}: the lakes are from different data")
+    return labels[pos]
+
+
+def case(cfg: Config, store: Store, query: str, gallery: str) -> dict:
+    """One cell of the matrix: query-model / gallery-model."""
+    split = cfg.eval.split
+    q_ids, q = load_source(store, query, split)
+    g_ids, g = load_source(store, gallery, split)
+    q_lab, g_lab = labels_of(store, split, q_ids), labels_of(store, split, g_ids)
+    if len(g) <= cfg.eval.exact_max_gallery:
+        r = exact_ranking(q, q_lab, q_ids, g, g_lab, g_ids, cfg.eval.max_rank, cfg.eval.block_size)
+    else:
+        from .pipeline import index
+        name = SOURCES[gallery][0]
+        if not store.has_manifest(store.path("index", name, split)):
+            index.build(cfg, store, name, split, SOURCES[gallery][1])
+        _, nbr = index.search(store, name, split, _pad(q, g.shape[1]), cfg.eval.search_k + 1, cfg.index.nprobe)
+        r = ranking_from_neighbours(nbr, q_lab, q_ids, g_lab, g_ids, cfg.eval.max_rank)
+    r |= {"query": query, "gallery": gallery, "label": f"{LABELS[query]} / {LABELS[gallery]}",
+          "top1": r["cmc"][0], "top5": r["cmc"][min(4, len(r["cmc"]) - 1)], "dims": [q.shape[1], g.shape[1]]}
+    if q.shape[1] != g.shape[1]:
+        r["note"] = f"dims differ ({q.shape[1]} vs {g.shape[1]}): the smaller is zero-padded"
+    return r
+
+
+def gap_closed(cases: list[dict], gallery: str) -> dict:
+    """(FCT - old/old) / (new/new - old/old) for top-1 and mAP."""
+    by = {(c["query"], c["gallery"]): c for c in cases}
+    oo, nn, f = by.get(("old", "old")), by.get(("new", "new")), by.get(("new", gallery))
+    if not (oo and nn and f):
+        return {}
+    return {m: (f[m] - oo[m]) / (nn[m] - oo[m]) if nn[m] != oo[m] else None for m in ("top1", "top5", "map")}
+
+
+def format_table(cases: list[dict]) -> str:
+    lines = ["| case (query / gallery) | top-1 % | top-5 % | mAP % |", "|---|---|---|---|"]
+    for c in cases:
+        lines.append(f"| {c['label']} | {100 * c['top1']:.1f} | {100 * c['top5']:.1f} | {100 * c['map']:.1f} |")
+    return "\n".join(lines)
+
+
+def matrix(cfg: Config, store: Store, print_table: bool = False) -> dict:
+    """Every case whose embeddings exist; returns {"cases": [...], "gap_closed": {...}}."""
+    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(store.path("embeddings", name, cfg.eval.split))}
+    cases = [case(cfg, store, q, g) for q, g in CASES if q in present and g in present]
+    out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in ("fct", "fct-noside")},
+           "skipped": [f"{q}/{g}" for q, g in CASES if not (q in present and g in present)]}
+    if print_table:
+        print(format_table(cases))
+        for g, v in out["gap_closed"].items():
+            if v:
+                print(f"gap closed by {LABELS[g]}: top-1 {100 * v['top1']:.0f} %, mAP {100 * v['map']:.0f} %")
+    return out

@@ -1,0 +1,203 @@
+"""`fct index` / `fct search`: a sharded FAISS index over an embedding lake.
+
+The billion-scale recipe of faiss's `benchs/distributed_ondisk`: train the quantizer once on a
+sample, then every Ray task adds its slice of the lake (with the lake's ids) to a copy of the trained
+empty index and writes one shard; search fans out over the shards and merges by distance.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import ray
+
+from .. import lake
+from ..config import Config
+from ..lake import LakeError
+from ..runtime import init_ray, want_gpu
+from ..storage import Store, StorageError
+
+
+def choose_factory(n: int, d: int) -> str:
+    """Flat below 50k rows; IVF-Flat below 5M; IVF-PQ (about d/4 bytes per vector) above."""
+    if n < 50_000:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    if n < 5_000_000:
+        return f"IVF{nlist},Flat"
+    m = next(m for m in (d // 4, d // 2, d) if d % m == 0 and m <= 64)
+    return f"IVF{nlist},PQ{m}"
+
+
+def new_index(factory: str, d: int) -> faiss.Index:
+    """An index that accepts the lake's ids: Flat-type indexes get an IDMap around them."""
+    index = faiss.index_factory(d, factory)
+    return index if hasattr(index, "nlist") or factory.startswith("IDMap") else faiss.IndexIDMap(index)
+
+
+def to_gpu(index: faiss.Index, use_gpu: bool) -> faiss.Index:
+    if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+
+
+def read_vectors(store: Store, path: str, column: str, d: int) -> tuple[np.ndarray, np.ndarray]:
+    t = lake.read_part(store, path, {"id": pa.int64(), column: d}, columns=["id", column])
+    x = lake.to_numpy(t[column])
+    if not np.isfinite(x).all():
+        raise LakeError(f"{store.uri(path)}: NaN/inf vectors in column {column!r}; an index needs finite vectors")
+    return t["id"].to_numpy(), x
+
+
+@ray.remote
+def _add_shard(trained: bytes, store: Store, files: list[str], column: str, d: int, out: str,
+               use_gpu: bool) -> dict:
+    """One shard: a copy of the trained empty index plus this slice of the lake, written atomically."""
+    t0 = time.time()
+    index = to_gpu(faiss.deserialize_index(np.frombuffer(trained, np.uint8)), use_gpu)
+    rows = 0
+    for path in files:
+        ids, x = read_vectors(store, path, column, d)
+        index.add_with_ids(x, ids)
+        rows += len(ids)
+    data = faiss.serialize_index(to_cpu(index)).tobytes()
+    store.write_bytes(out, data)
+    return {"file": out.rsplit("/", 1)[1], "rows": rows, "bytes": len(data), "seconds": time.time() - t0}
+
+
+def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, seed: int = 0) -> np.ndarray:
+    """Up to n training vectors, read from randomly chosen files until enough."""
+    rng, chunks, got = np.random.default_rng(seed), [], 0
+    for i in rng.permutation(len(files)):
+        chunks.append(read_vectors(store, files[i], column, d)[1])
+        got += len(chunks[-1])
+        if got >= n:
+            break
+    x = np.concatenate(chunks)
+    return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
+
+
+def build(cfg: Config, store: Store, name: str, split: str = "test", column: str = "emb") -> dict:
+    """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest."""
+    init_ray(cfg)
+    c, t0 = cfg.index, time.time()
+    src = store.path("embeddings", name, split)
+    src_manifest = store.manifest(src)
+    files = lake.parts(store, src)
+    d = src_manifest["producer"][column]["dim"]
+    factory = choose_factory(src_manifest["rows"], d) if c.factory == "auto" else c.factory
+    out = store.path("index", name, split)
+    settings = {"factory": factory, "train_sample": c.train_sample, "num_shards": c.num_shards, "nprobe": c.nprobe}
+    if store.has_manifest(out):
+        m = store.manifest(out)
+        if m.get("settings") == settings and m.get("source_producer") == src_manifest["producer"]:
+            print(f"[index] {store.uri(out)} is current: skipped")
+            return m
+    use_gpu = want_gpu(c.use_gpu)
+    index = new_index(factory, d)
+    sample = sample_vectors(store, files, column, d, c.train_sample)
+    if not index.is_trained:
+        gpu_index = to_gpu(index, use_gpu)
+        gpu_index.train(sample)
+        index = to_cpu(gpu_index)
+    trained = faiss.serialize_index(index).tobytes()
+    store.delete(out)
+    n_shards = min(c.num_shards, len(files))
+    slices = [files[i::n_shards] for i in range(n_shards)]
+    ref = ray.put(trained)
+    shards = ray.get([_add_shard.options(num_cpus=0.5, num_gpus=1 if use_gpu else 0).remote(
+        ref, store, sl, column, d, f"{out}/shard-{i:05d}.faiss", use_gpu) for i, sl in enumerate(slices)])
+    seconds = time.time() - t0
+    rows = sum(s["rows"] for s in shards)
+    manifest = {"kind": "faiss-index", "factory": factory, "dim": d, "metric": "L2", "nprobe": c.nprobe,
+                "shards": shards, "rows": rows, "bytes": sum(s["bytes"] for s in shards),
+                "source": store.uri(src), "source_producer": src_manifest["producer"], "column": column,
+                "train_sample": len(sample), "build_seconds": round(seconds, 2),
+                "rows_per_second": round(rows / seconds, 1), "gpu": use_gpu, "settings": settings}
+    manifest["recall_at_10"] = recall_at_10(store, name, split, sample, files, column, d, c.nprobe, manifest)
+    store.write_manifest(out, manifest)
+    print(f"[index] {factory}: {rows} rows in {len(shards)} shards, {manifest['bytes'] / 1e6:.1f} MB, "
+          f"{manifest['rows_per_second']:.0f} rows/s, recall@10 {manifest['recall_at_10']} -> {store.uri(out)}")
+    return manifest
+
+
+def recall_at_10(store: Store, name: str, split: str, sample: np.ndarray, files: list[str], column: str,
+                 d: int, nprobe: int, manifest: dict, n_queries: int = 1000, max_rows: int = 2_000_000) -> float | None:
+    """Recall@10 of the sharded index against exact search, on queries drawn from the lake itself."""
+    if manifest["rows"] > max_rows:
+        return None  # exact search over the whole lake would not fit this check
+    ids, x = zip(*(read_vectors(store, p, column, d) for p in files))
+    ids, x = np.concatenate(ids), np.concatenate(x)
+    q = x[np.random.default_rng(1).choice(len(x), min(n_queries, len(x)), replace=False)]
+    exact = faiss.IndexIDMap(faiss.IndexFlatL2(d))
+    exact.add_with_ids(x, ids)
+    _, truth = exact.search(q, 10)
+    shards = [_load_shard(store, store.path("index", name, split), s["file"]) for s in manifest["shards"]]
+    _, got = search_shards(shards, q, 10, nprobe)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]))
+
+
+def _load_shard(store: Store, directory: str, file: str) -> faiss.Index:
+    path = f"{directory}/{file}"
+    if not store.exists(path):
+        raise StorageError(f"index shard {store.uri(path)} is missing (listed in the manifest)")
+    try:
+        return faiss.deserialize_index(np.frombuffer(store.read_bytes(path), np.uint8))
+    except RuntimeError as e:
+        raise StorageError(f"index shard {store.uri(path)} is corrupt: {str(e).splitlines()[0]}") from None
+
+
+def load(store: Store, name: str, split: str = "test") -> tuple[list[faiss.Index], dict]:
+    directory = store.path("index", name, split)
+    manifest = store.manifest(directory)
+    return [_load_shard(store, directory, s["file"]) for s in manifest["shards"]], manifest
+
+
+def merge_results(dists: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard top-k lists by distance (stable: shard order breaks ties)."""
+    d, i = np.concatenate(dists, axis=1), np.concatenate(ids, axis=1)
+    d = np.where(i < 0, np.inf, d)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def search_shards(shards: list[faiss.Index], queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    results = []
+    for s in shards:
+        set_nprobe(s, nprobe)
+        results.append(s.search(np.ascontiguousarray(queries, np.float32), k))
+    return merge_results([r[0] for r in results], [r[1] for r in results], k)
+
+
+def search(store: Store, name: str, split: str, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (distances, ids) over every shard of index/{name}/{split}."""
+    shards, manifest = load(store, name, split)
+    if queries.shape[1] != manifest["dim"]:
+        raise LakeError(f"queries have dim {queries.shape[1]}; index/{name}/{split} has dim {manifest['dim']}")
+    return search_shards(shards, queries, k, nprobe)
+
+
+def embed_images(store: Store, model: str, split: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Embed the images with these ids (of `split`) with a named model: queries for `fct search`."""
+    import torch
+
+    from ..models import registry
+    module, meta = registry.load(store, model)
+    all_ids, x, _ = lake.read_images(store, split)
+    pick = np.flatnonzero(np.isin(all_ids, ids)) if ids else np.arange(min(5, len(all_ids)))
+    with torch.no_grad():
+        emb = registry.embedder(meta["kind"], module)(torch.from_numpy(x[pick])).numpy()
+    return all_ids[pick], emb

@@ -1,0 +1,125 @@
+"""reports/{run}/: report.md + metrics.json + plots (CMC curves) of an upgrade."""
+from __future__ import annotations
+
+import io
+import platform
+import time
+
+import numpy as np
+
+from .evaluate import LABELS, format_table
+from .storage import Store
+
+GOALS = ("FCT with side-info closes >= 95 % of the old->new gap (top-1 and mAP)",
+         "side-info earns its storage: FCT with side-info beats FCT without by >= 1.5 top-1 points",
+         "FCT beats BCT in top-1 and mAP (the paper's headline)")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Mean and std over seeds of every case's metrics (std is 0 for a single seed)."""
+    out = []
+    for i, c in enumerate(runs[0]["evaluation"]["cases"]):
+        vals = {m: np.array([r["evaluation"]["cases"][i][m] for r in runs]) for m in ("top1", "top5", "map")}
+        cmc = np.mean([r["evaluation"]["cases"][i]["cmc"] for r in runs], axis=0).tolist()
+        out.append({k: c[k] for k in ("query", "gallery", "label", "method")} | {"cmc": cmc}
+                   | {m: float(v.mean()) for m, v in vals.items()} | {f"{m}_std": float(v.std()) for m, v in vals.items()})
+    return out
+
+
+def goals(cases: list[dict]) -> list[dict]:
+    by = {(c["query"], c["gallery"]): c for c in cases}
+    need = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old")]
+    if not all(k in by for k in need):
+        return []
+    oo, nn, f, fn, b = (by[k] for k in need)
+    gap = {m: (f[m] - oo[m]) / (nn[m] - oo[m]) for m in ("top1", "map")}
+    return [
+        {"goal": GOALS[0], "met": gap["top1"] >= 0.95 and gap["map"] >= 0.95,
+         "measured": f"top-1 {100 * gap['top1']:.1f} %, mAP {100 * gap['map']:.1f} %"},
+        {"goal": GOALS[1], "met": f["top1"] - fn["top1"] >= 0.015,
+         "measured": f"{100 * (f['top1'] - fn['top1']):+.2f} top-1 points"},
+        {"goal": GOALS[2], "met": f["top1"] > b["top1"] and f["map"] > b["map"],
+         "measured": f"top-1 {100 * (f['top1'] - b['top1']):+.1f}, mAP {100 * (f['map'] - b['map']):+.1f} points "
+                     "(new/FCT vs BCT-new/old)"},
+    ]
+
+
+def cmc_plot(cases: list[dict]) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in cases:
+        ax.plot(range(1, len(c["cmc"]) + 1), [100 * v for v in c["cmc"]], marker=".", label=c["label"])
+    ax.set(xlabel="rank k", ylabel="CMC top-k (%)", title="CMC curves (query / gallery)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write(store: Store, runs: list[dict], config: dict, run_name: str | None = None) -> str:
+    """Write the report of one or more seeds' runs; returns the report directory."""
+    run_name = run_name or time.strftime("upgrade-%Y%m%d-%H%M%S")
+    directory = store.path("reports", run_name)
+    cases = aggregate(runs)
+    checks = goals(cases)
+    seeds = len(runs)
+    table = format_table(cases) if seeds == 1 else _table_with_std(cases)
+    gap = runs[0]["evaluation"]["gap_closed"] if seeds == 1 else _mean_gap(runs)
+    models = runs[0]["models"]
+    lines = [f"# fct-dist upgrade report: {run_name}", "",
+             f"Machine: {platform.processor() or platform.machine()}, {platform.node()}; seeds: {seeds}; "
+             f"storage: {store.uri(store.root)}", "",
+             "## Compatibility matrix (FCT protocol: query = gallery = test split, own item excluded, L2)", "",
+             table, ""]
+    for g in ("fct", "fct-noside"):
+        if gap.get(g):
+            lines.append(f"- Share of the old->new gap closed by {LABELS[g]}: top-1 {100 * gap[g]['top1']:.1f} %, "
+                         f"mAP {100 * gap[g]['map']:.1f} %")
+    lines += ["", f"Ranking method: {', '.join(sorted({c['method'] for c in cases}))}. "
+              "The new/old case compares dims that differ by zero-padding the old vectors (incompatible: "
+              "expected near chance).", "", "![CMC curves](cmc.png)", "", "## Goals", ""]
+    lines += [f"- [{'x' if c['met'] else ' '}] {c['goal']}: {c['measured']}{'' if c['met'] else ' (MISSED)'}"
+              for c in checks] or ["- not all cases were run"]
+    lines += ["", "## Models", "", "| model | version | metrics |", "|---|---|---|"]
+    for name, meta in models.items():
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in meta["metrics"].items() if k != "history"}
+        lines.append(f"| {name} | {meta['version']} | {shown} |")
+    idx = runs[0].get("index")
+    if idx:
+        lines += ["", "## Index", "", f"{idx['factory']} over {idx['rows']} rows in {len(idx['shards'])} shards, "
+                  f"{idx['bytes'] / 1e6:.1f} MB, built at {idx['rows_per_second']:.0f} rows/s, recall@10 vs "
+                  f"exact {idx['recall_at_10']} (nprobe {idx['nprobe']})"]
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in runs[0]["timings"].items()]
+    store.write_bytes(f"{directory}/cmc.png", cmc_plot(cases))
+    store.write_json(f"{directory}/metrics.json", {"cases": cases, "goals": checks, "gap_closed": gap, "runs": runs,
+                                                   "config": config})
+    store.write_bytes(f"{directory}/report.md", "\n".join(lines).encode() + b"\n")
+    print("\n" + table + "\n")
+    for line in lines:
+        if line.startswith("- "):
+            print(line)
+    print(f"\nreport: {store.uri(directory)}/report.md")
+    return directory
+
+
+def _table_with_std(cases: list[dict]) -> str:
+    lines = ["| case (query / gallery) | top-1 % | top-5 % | mAP % |", "|---|---|---|---|"]
+    for c in cases:
+        cells = [f"{100 * c[m]:.1f} ± {100 * c[m + '_std']:.1f}" for m in ("top1", "top5", "map")]
+        lines.append(f"| {c['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_gap(runs: list[dict]) -> dict:
+    out = {}
+    for g in ("fct", "fct-noside"):
+        vals = [r["evaluation"]["gap_closed"].get(g) for r in runs]
+        if all(vals):
+            out[g] = {m: float(np.mean([v[m] for v in vals])) for m in ("top1", "top5", "map")}
+    return out

@@ -1,0 +1,63 @@
+import pytest
+
+from fct_dist import config
+from fct_dist.config import ConfigError
+
+
+def test_config_yaml_equals_embedded_defaults():
+    assert config.load("config.yaml") == config.load(None)
+
+
+def test_every_key_of_config_yaml_is_documented():
+    """Each key name carries a comment where it first appears (siblings repeat it without one)."""
+    documented, seen = set(), set()
+    for line in open("config.yaml"):
+        body, _, comment = line.partition("#")
+        if ":" in body and not body.lstrip().startswith("#"):
+            key = body.split(":")[0].strip()
+            seen.add(key)
+            if comment.strip():
+                documented.add(key)
+    assert seen - documented == set()
+
+
+def test_overrides_and_preset_apply():
+    cfg = config.load("config.yaml", ["train.num_workers=1", "models.old.blocks=[2, 2]", "storage.root=s3://b/p"],
+                      preset="tiny")
+    assert cfg.train.num_workers == 1
+    assert cfg.models.old.blocks == [2, 2]
+    assert cfg.storage.root == "s3://b/p"
+    assert cfg.data.source == "synthetic"  # from the preset
+    assert cfg.train.old.lr == 0.1  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.nope=1", "unknown key train.nope; allowed keys here: num_workers"),
+    ("nope.x=1", "unknown key nope;"),
+    ("train.num_workers=two", "train.num_workers: 'two' has type str; expected int"),
+    ("train.num_workers=-1", "train.num_workers: -1 is out of range; allowed 0 .. 4096"),
+    ("train.old.lr=true", "train.old.lr: True has type bool; expected float"),
+    ("data.source=imagenet", "data.source: 'imagenet' is not allowed; expected one of 'demo', 'synthetic', 'folder'"),
+    ("models.old.blocks=[1, x]", "models.old.blocks[1]: 'x' has type str; expected int"),
+    ("storage=3", "storage: expected a section (mapping), got 3"),
+    ("train.num_workers", "--set 'train.num_workers': expected key=value"),
+])
+def test_bad_values_fail_with_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load("config.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_bad_files_and_presets(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; allowed: tiny"):
+        config.load(None, preset="huge")
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert config.load(None, ["train.old.lr=1"]).train.old.lr == 1.0

@@ -1,0 +1,109 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fct_dist import lake
+from fct_dist.datasets import synthetic
+from fct_dist.lake import LakeError
+from fct_dist.storage import StorageError, open_store
+
+
+def store_of(cfg):
+    return open_store(cfg.storage)
+
+
+def test_image_lake_round_trip(any_cfg):
+    store = store_of(any_cfg())
+    labels = np.array([0, 1, 2, 1, 0], np.int32)
+    images = synthetic.generate(labels, 16, 1, seed=0)
+    m = lake.write_image_split(store, "train", np.arange(5), [lake.encode_png(i) for i in images], labels, 2,
+                               {"source": "test"})
+    assert m["rows"] == 5 and m["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert m["labels"] == [0, 1, 2] and m["image_shape"] == [1, 16, 16]
+    assert store.manifest(store.path("images", "train"))["rows"] == 5
+    ids, x, y = lake.read_images(store, "train")
+    np.testing.assert_array_equal(ids, np.arange(5))
+    np.testing.assert_array_equal(x[:, 0], images)
+    np.testing.assert_array_equal(y, labels)
+    ids, x, y = lake.read_images(store, "train", labels=[1])
+    np.testing.assert_array_equal(ids, [1, 3])
+
+
+def test_embedding_lake_round_trip_with_producer(any_cfg):
+    store = store_of(any_cfg())
+    v = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    prod = {"old": {"model": "old", "version": "abc", "dim": 8}}
+    path = store.path("embeddings", "x", "test", lake.part_name(0))
+    lake.write_part(store, path, lake.embedding_table(np.arange(6), {"old": v}, prod))
+    t = lake.read_part(store, path, {"id": pa.int64(), "old": 8})
+    assert t.schema.field("old").type == pa.list_(pa.float32(), 8)
+    assert lake.producer_of(t.schema) == prod
+    np.testing.assert_array_equal(lake.to_numpy(t["old"]), v)
+
+
+def test_writes_are_atomic_and_leave_no_temporaries(any_cfg):
+    store = store_of(any_cfg())
+    path = store.path("a", "b.bin")
+    store.write_bytes(path, b"one")
+    store.write_bytes(path, b"two")
+    assert store.read_bytes(path) == b"two"
+    from pyarrow.fs import FileSelector
+    names = [i.base_name for i in store.fs.get_file_info(FileSelector(store.path("a")))]
+    assert names == ["b.bin"]
+
+
+def test_missing_manifest_is_a_clear_error(any_cfg):
+    store = store_of(any_cfg())
+    with pytest.raises(StorageError, match="is not a finished dataset: _manifest.json is missing"):
+        store.manifest(store.path("embeddings", "nothing"))
+
+
+def write_vectors(store, name, ids, d=8, col="old"):
+    path = store.path("lake", name)
+    lake.write_part(store, path, lake.embedding_table(np.asarray(ids), {col: np.ones((len(ids), d))}, {}))
+    return path
+
+
+def test_bad_lake_files_are_named(any_cfg):
+    store = store_of(any_cfg())
+    good = write_vectors(store, "part-00000.parquet", [1, 2, 3])
+    data = store.read_bytes(good)
+    truncated = store.path("lake", "part-00001.parquet")
+    store.write_bytes(truncated, data[: len(data) // 2])
+    with pytest.raises(LakeError, match=r"part-00001.parquet: not a readable Parquet file"):
+        lake.read_part(store, truncated, {"id": pa.int64()})
+    with pytest.raises(LakeError, match=r"part-00000.parquet: column 'old' has dim 8; expected 16"):
+        lake.read_part(store, good, {"id": pa.int64(), "old": 16})
+    with pytest.raises(LakeError, match=r"part-00000.parquet: missing column 'side'; columns present: id, old"):
+        lake.read_part(store, good, {"id": pa.int64(), "side": 8})
+    dup = write_vectors(store, "part-00002.parquet", [5, 5, 6])
+    with pytest.raises(LakeError, match=r"part-00002.parquet: duplicate ids \[5\]"):
+        lake.read_part(store, dup, {"id": pa.int64()})
+
+
+def test_duplicate_ids_across_files_name_both_files(any_cfg):
+    store = store_of(any_cfg())
+    write_vectors(store, "part-00000.parquet", [1, 2, 3])
+    write_vectors(store, "part-00001.parquet", [3, 4])
+    with pytest.raises(LakeError, match=r"duplicate id 3 .* in .*part-00000.parquet and .*part-00001.parquet"):
+        lake.read_lake(store, store.path("lake"), {"id": pa.int64()})
+
+
+def test_empty_lake_is_an_error(any_cfg):
+    store = store_of(any_cfg())
+    with pytest.raises(LakeError, match="no Parquet files"):
+        lake.read_lake(store, store.path("nothing"), {"id": pa.int64()})
+
+
+def test_undecodable_image_is_named_by_id():
+    with pytest.raises(LakeError, match="image of id 42 does not decode"):
+        lake.decode_images([b"not a png"], "f.parquet", np.array([42]))
+
+
+def test_storage_root_forms(tmp_path):
+    from fct_dist.config import Storage
+    assert open_store(Storage(root=f"file://{tmp_path}/x")).root == f"{tmp_path}/x"
+    s3 = open_store(Storage(root="s3://bucket/pre/fix/", s3_endpoint="http://127.0.0.1:9"))
+    assert (s3.root, s3.scheme) == ("bucket/pre/fix", "s3")
+    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+        open_store(Storage(root="gs://b/p"))
