@@ -82,8 +82,8 @@ class Transformation:
 @dataclass
 class Models:
     old: Backbone = field(default_factory=lambda: Backbone(width=8, blocks=[1, 1], emb_dim=32))
-    side: SideInfo = field(default_factory=lambda: SideInfo(width=16, blocks=[1, 1], emb_dim=64))
-    new: Backbone = field(default_factory=lambda: Backbone(width=32, blocks=[1, 1, 1], emb_dim=128))
+    side: SideInfo = field(default_factory=lambda: SideInfo(width=8, blocks=[1, 1], emb_dim=64))
+    new: Backbone = field(default_factory=lambda: Backbone(width=16, blocks=[1, 1, 1], emb_dim=128))
     transformation: Transformation = sub(Transformation)
 
 
@@ -131,9 +131,9 @@ class Train:
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = num(1.0, 0.0, 1024)
     old: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
-    side: SideTrain = field(default_factory=lambda: SideTrain(epochs=4, batch_size=256, lr=0.3))
-    new: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=3))
-    bct: BctTrain = field(default_factory=lambda: BctTrain(epochs=3))
+    side: SideTrain = field(default_factory=lambda: SideTrain(epochs=3, batch_size=256, lr=0.3))
+    new: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
+    bct: BctTrain = field(default_factory=lambda: BctTrain(epochs=2))
     transformation: TransformationTrain = field(
         default_factory=lambda: TransformationTrain(epochs=20, batch_size=512, lr=5e-4, weight_decay=2**-15,
                                                     warmup_epochs=2))

@@ -45,7 +45,7 @@ def exact_ranking(q: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g: np.
         n_pos = match.sum(1)
         valid = n_pos > 0
         rank = keep.cumsum(1)  # 1-based rank among kept items
-        precision = match.cumsum(1) / rank.clamp(min=1)
+        precision = match.cumsum(1).double() / rank.clamp(min=1)
         ap = (precision * match).sum(1) / n_pos.clamp(min=1)
         first = torch.where(match, rank, torch.iinfo(torch.int64).max).min(1).values  # rank of first hit
         ap_sum += float(ap[valid].sum())
@@ -60,12 +60,17 @@ def ranking_from_neighbours(nbr_ids: np.ndarray, q_labels: np.ndarray, q_ids: np
                             g_ids: np.ndarray, max_rank: int) -> dict:
     """The same metrics from top-k neighbour ids (FAISS search); mAP is then mAP@k."""
     order = np.argsort(g_ids)
-    pos = np.searchsorted(g_ids[order], nbr_ids.clip(min=0))
-    nbr_labels = np.where(nbr_ids >= 0, g_labels[order][pos.clip(max=len(order) - 1)], -1)
+    sorted_ids, sorted_labels = g_ids[order], g_labels[order]
+
+    def label_of(ids: np.ndarray) -> np.ndarray:  # -1 where the id is not in the gallery
+        pos = np.searchsorted(sorted_ids, ids).clip(max=len(order) - 1)
+        return np.where(sorted_ids[pos] == ids, sorted_labels[pos], -1)
+
+    nbr_labels = np.where(nbr_ids >= 0, label_of(nbr_ids), -1)
     keep = (nbr_ids != q_ids[:, None]) & (nbr_ids >= 0)
     match = (nbr_labels == q_labels[:, None]) & keep
     class_sizes = dict(zip(*np.unique(g_labels, return_counts=True)))
-    n_pos = np.array([class_sizes.get(c, 0) for c in q_labels]) - np.isin(q_ids, g_ids)
+    n_pos = np.array([class_sizes.get(c, 0) for c in q_labels]) - (label_of(q_ids) == q_labels)
     valid = n_pos > 0
     rank = keep.cumsum(1)
     precision = match.cumsum(1) / np.maximum(rank, 1)

@@ -21,8 +21,8 @@ def init_ray(cfg: Config) -> None:
         return
     kwargs = {}
     if cfg.ray.address == "local":
-        kwargs = {"num_cpus": cfg.ray.num_cpus, "object_store_memory": cfg.ray.object_store_memory,
-                  "include_dashboard": False}
+        # the dashboard (127.0.0.1 only) serves the state API that Ray Train's controller polls
+        kwargs = {"num_cpus": cfg.ray.num_cpus, "object_store_memory": cfg.ray.object_store_memory}
     ray.init(address=cfg.ray.address, **kwargs)
 
 

@@ -138,7 +138,7 @@ class FileMapper:
         try:
             rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
         except (pa.ArrowException, OSError):
-            rows = -1  # unknown: the footer itself is unreadable
+            rows, reason = 0, f"{reason} (row count unknown: the footer is unreadable)"
         return {"input": path, "output": "", "rows_in": rows, "rows_out": 0, "rows_rejected": rows,
                 "bytes_in": len(data), "bytes_out": 0, "seconds": time.time() - t0, "quarantined": reason}
 
@@ -265,14 +265,13 @@ def _commit(job: FileJob, results: list[dict], wall: float, mapped_files: int) -
     results.sort(key=lambda r: r["input"])
     total = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out")}
     quarantined = [r for r in results if r["quarantined"]]
-    if any(r["rows_in"] < 0 for r in quarantined):
-        total["rows_in_unknown_files"] = [r["input"] for r in quarantined if r["rows_in"] < 0]
-    elif total["rows_out"] + total["rows_rejected"] != total["rows_in"]:
+    if total["rows_out"] + total["rows_rejected"] != total["rows_in"]:
         raise LakeError(f"{job.name}: rows do not add up: out {total['rows_out']} + rejected "
                         f"{total['rows_rejected']} != read {total['rows_in']}; not committing")
     mapped = sum(r["rows_in"] for r in results if r["seconds"] > 0)
     summary = total | {"files": len(results), "files_mapped_this_run": mapped_files,
-                       "files_quarantined": len(quarantined), "wall_seconds": round(wall, 2),
+                       "files_quarantined": len(quarantined),
+                       "quarantined": {store.uri(r["input"]): r["quarantined"] for r in quarantined}, "wall_seconds": round(wall, 2),
                        "rows_per_second": round(mapped / wall, 1) if wall > 0 else None}
     manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint, "producer": job.producer,
                 "inputs": sorted(job.inputs), "files": results, "rows": total["rows_out"], "summary": summary,

@@ -115,7 +115,7 @@ class TransformationTask(Task):
         a = self.arch
         dims = {"old": a["old_dim"], "side": a["side_dim"], "new": a["new_dim"]}
         t = lake.read_lake(self.store, self.features, {"id": pa.int64()} | dims)
-        return TensorDataset(*(torch.from_numpy(lake.to_numpy(t[c])) for c in dims))
+        return TensorDataset(*(torch.tensor(lake.to_numpy(t[c])) for c in dims))
 
     def model(self) -> nn.Module:
         return Transformation(**self.arch)

@@ -141,7 +141,7 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
 def transformation_error(h: nn.Module, store: Store, dims: dict) -> dict:
     """Test MSE of h against the new embeddings, and relative to their variance (1.0 = predicting the mean)."""
     t = lake.read_lake(store, store.path("embeddings", "features", "test"), {"id": pa.int64()} | dims)
-    old, side, new = (torch.from_numpy(lake.to_numpy(t[c])) for c in ("old", "side", "new"))
+    old, side, new = (torch.tensor(lake.to_numpy(t[c])) for c in ("old", "side", "new"))
     pred = torch.cat([h(old[i:i + 4096], side[i:i + 4096]) for i in range(0, len(old), 4096)])
     mse = float(((pred - new) ** 2).mean())
     return {"test_mse": mse, "test_mse_over_variance": mse / float(new.var(dim=0).mean())}

@@ -1,0 +1,115 @@
+"""CMC / mAP against brute force; sharded FAISS index against one index; shards on S3."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from fct_dist import evaluate, lake
+from fct_dist.pipeline import index
+from fct_dist.storage import StorageError, open_store
+
+
+def brute_force(q, ql, qi, g, gl, gi, max_rank):
+    """Per query: rank the gallery by (distance, gallery position), drop the query itself."""
+    cmc, aps = np.zeros(max_rank), []
+    for x, lab, own in zip(q, ql, qi):
+        dists = [(float(((x - y) ** 2).sum()), j) for j, y in enumerate(g)]
+        ranked = [j for _, j in sorted(dists) if gi[j] != own]
+        rel = [gl[j] == lab for j in ranked]
+        if not any(rel):
+            continue
+        first = rel.index(True)
+        cmc[first:] += 1
+        hits, precisions = 0, []
+        for r, is_rel in enumerate(rel, 1):
+            if is_rel:
+                hits += 1
+                precisions.append(hits / r)
+        aps.append(np.mean(precisions))
+    return cmc / len(aps), float(np.mean(aps)), len(aps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cmc_and_map_match_brute_force_with_ties_and_singletons(seed):
+    rng = np.random.default_rng(seed)
+    n, d = 60, 3
+    g = rng.integers(0, 3, (n, d)).astype(np.float32)  # small integers: many exact distance ties
+    labels = rng.integers(0, 6, n).astype(np.int32)
+    labels[:3] = [97, 98, 99]  # classes of size one: such queries have no match and are left out
+    ids = np.arange(100, 100 + n)
+    cmc, m_ap, counted = brute_force(g, labels, ids, g, labels, ids, 10)
+    got = evaluate.exact_ranking(g, labels, ids, g, labels, ids, 10, block_size=7)
+    np.testing.assert_allclose(got["cmc"], cmc, atol=1e-12)
+    assert got["map"] == pytest.approx(m_ap, abs=1e-12)
+    assert got["queries"] == counted and got["queries_without_match"] == 3
+
+
+def test_cross_model_case_and_neighbour_path():
+    rng = np.random.default_rng(3)
+    q, g = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(50, 4)).astype(np.float32)
+    ql, gl = rng.integers(0, 4, 40), rng.integers(0, 4, 50)
+    qi, gi = np.arange(40), np.arange(50)  # queries 0..39 are also gallery items 0..39
+    cmc, m_ap, _ = brute_force(q, ql, qi, g, gl, gi, 5)
+    exact = evaluate.exact_ranking(q, ql, qi, g, gl, gi, 5, 16)
+    np.testing.assert_allclose(exact["cmc"], cmc, atol=1e-12)
+    assert exact["map"] == pytest.approx(m_ap)
+    flat = faiss.IndexFlatL2(4)
+    flat.add(g)
+    _, nbr = flat.search(q, 50)  # the whole gallery: mAP@50 is the full mAP
+    via = evaluate.ranking_from_neighbours(gi[nbr], ql, qi, gl, gi, 5)
+    np.testing.assert_allclose(via["cmc"], cmc, atol=1e-12)
+    assert via["map"] == pytest.approx(m_ap)
+
+
+def vector_lake(store, n=3000, d=16, files=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d)) * 4
+    x = (centers[rng.integers(0, 20, n)] + rng.normal(size=(n, d))).astype(np.float32)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    directory = store.path("embeddings", "vec", "test")
+    prod = {"emb": {"model": "test", "version": "v", "dim": d}}
+    for k, sl in enumerate(np.array_split(np.arange(n), files)):
+        lake.write_part(store, f"{directory}/{lake.part_name(k)}", lake.embedding_table(ids[sl], {"emb": x[sl]}, prod))
+    store.write_manifest(directory, {"rows": n, "producer": prod})
+    return ids, x
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
+def test_sharded_search_equals_one_index(ray_local, any_cfg, factory):
+    cfg = any_cfg(f"index.factory={factory}", "index.num_shards=3", "index.nprobe=4")
+    store = open_store(cfg.storage)
+    ids, x = vector_lake(store)
+    m = index.build(cfg, store, "vec", "test")
+    assert len(m["shards"]) == 3 and sum(s["rows"] for s in m["shards"]) == len(ids)
+    assert m["factory"] == factory and m["dim"] == 16 and m["recall_at_10"] > 0.9
+    shards, _ = index.load(store, "vec", "test")
+    single = faiss.deserialize_index(faiss.serialize_index(shards[0]))  # same trained quantizer
+    single.reset()
+    single.add_with_ids(x, ids)
+    index.set_nprobe(single, 4)
+    q = x[:50] + 0.1
+    d1, i1 = single.search(q, 10)
+    d2, i2 = index.search(store, "vec", "test", q, 10, 4)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, rtol=1e-6)
+
+
+def test_missing_or_corrupt_shard_is_named(ray_local, any_cfg):
+    cfg = any_cfg("index.factory=Flat", "index.num_shards=2")
+    store = open_store(cfg.storage)
+    vector_lake(store)
+    index.build(cfg, store, "vec", "test")
+    shard = store.path("index", "vec", "test", "shard-00001.faiss")
+    store.write_bytes(shard, b"garbage")
+    with pytest.raises(StorageError, match=r"index shard .*shard-00001.faiss is corrupt"):
+        index.load(store, "vec", "test")
+    store.delete(shard)
+    with pytest.raises(StorageError, match=r"index shard .*shard-00001.faiss is missing"):
+        index.load(store, "vec", "test")
+
+
+def test_auto_factory_by_size():
+    assert index.choose_factory(20_000, 128) == "Flat"
+    assert index.choose_factory(1_000_000, 128) == "IVF4096,Flat"
+    assert index.choose_factory(1_000_000_000, 128) == "IVF131072,PQ32"

@@ -1,0 +1,115 @@
+"""Training stages on a tiny synthetic lake with Ray Train (2 workers, CPU, gloo)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fct_dist.config import Storage
+from fct_dist.models import registry
+from fct_dist.models.registry import ArtefactError
+from fct_dist.storage import open_store
+from fct_dist.train import stages
+
+from .conftest import copy_tree
+
+
+@pytest.mark.parametrize("name, kind", [("old", "classifier"), ("side", "encoder"), ("new", "classifier"),
+                                        ("bct", "classifier"), ("fct", "transformation"),
+                                        ("fct-noside", "transformation")])
+def test_every_artefact_loads_back(trained, name, kind):
+    cfg, store, _ = trained
+    module, meta = registry.load(store, name, {"kind": kind})
+    assert meta["kind"] == kind and len(meta["version"]) == 16
+    history = meta["metrics"]["history"]
+    epochs = {"old": cfg.train.old, "side": cfg.train.side, "new": cfg.train.new, "bct": cfg.train.bct,
+              "fct": cfg.train.transformation, "fct-noside": cfg.train.transformation}[name].epochs
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert all(h["loss"] > 0 for h in history)
+    assert sum(p.numel() for p in module.parameters()) == meta["params"]
+
+
+def test_artefact_meta_records_what_the_stage_saw(trained):
+    cfg, store, _ = trained
+    old, new, bct = (registry.read_meta(store, n) for n in ("old", "new", "bct"))
+    assert old["classes"] == [2, 3, 4, 6] and len(new["classes"]) == 8  # the tiny preset's draw
+    assert old["dims"]["emb"] == bct["dims"]["emb"] == 8 and new["dims"]["emb"] == 16
+    assert bct["compatible_with"] == {"old": old["version"]}
+    h = registry.read_meta(store, "fct")
+    assert h["dims"] == {"old": 8, "side": 8, "new": 16}
+    assert h["producers"] == {m: registry.read_meta(store, m)["version"] for m in ("old", "side", "new")}
+    assert 0 < h["metrics"]["test_mse_over_variance"] < 1.0  # better than predicting the mean
+    assert 0 <= old["metrics"]["test_accuracy_old_classes"] <= 1
+
+
+def test_rerun_of_a_current_stage_is_skipped(ray_local, trained, capsys):
+    cfg, store, _ = trained
+    before = registry.read_meta(store, "old")
+    assert stages.train_old(cfg, store) == before
+    assert "[old] up to date" in capsys.readouterr().out
+
+
+def test_meta_mismatch_and_tampering_are_refused(trained, tmp_path):
+    _, src, _ = trained
+    store = open_store(Storage(root=str(tmp_path)))
+    copy_tree(src, store, "models")
+    with pytest.raises(ArtefactError, match=r"models/fct: meta dims.old is 8; expected 32"):
+        registry.load(store, "fct", {"dims.old": 32})
+    with pytest.raises(ArtefactError, match="models/nothing not found"):
+        registry.load(store, "nothing")
+    path = store.path("models", "old", "model.pt")
+    data = bytearray(store.read_bytes(path))
+    data[-20] ^= 0xFF
+    store.write_bytes(path, bytes(data))
+    with pytest.raises(ArtefactError, match="hash does not match meta version"):
+        registry.load(store, "old")
+
+
+def test_weights_only_loading_refuses_pickled_code(trained, tmp_path):
+    _, src, _ = trained
+    store = open_store(Storage(root=str(tmp_path)))
+    copy_tree(src, store, "models")
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save({"x": print}, buf)  # a callable: not allowed under weights_only
+    meta = registry.read_meta(store, "old")
+    store.write_bytes(store.path("models", "old", "model.pt"), buf.getvalue())
+    store.write_json(store.path("models", "old", "meta.json"),
+                     dict(meta, version=hashlib.sha256(buf.getvalue()).hexdigest()[:16]))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        registry.load(store, "old")
+
+
+def test_killed_stage_resumes_from_its_checkpoint(trained, tmp_path):
+    """Kill `fct train-new` after its first checkpoint, rerun: training continues at epoch 2."""
+    _, src, _ = trained
+    root = tmp_path / "root"
+    store = open_store(Storage(root=str(root)))
+    copy_tree(src, store, "images")
+    args = [sys.executable, "-m", "fct_dist.cli", "train-new", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--set", "train.new.epochs=4", "--set", "train.new.batch_size=8"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = store.path("checkpoints")
+    deadline = time.time() + 240
+
+    def checkpoints():
+        return [i.path for i in store.fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(ckpts, recursive=True,
+                allow_not_found=True)) if i.path.endswith("state.pt")]
+    while time.time() < deadline and not checkpoints():
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoints() and not registry.exists(store, "new"), "the kill did not land after the first epoch"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert "[new] epoch 1/4" not in log  # epoch 1 came from the checkpoint
+    assert "[new] epoch 4/4" in log
+    meta = registry.read_meta(store, "new")
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
