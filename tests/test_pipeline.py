@@ -80,7 +80,7 @@ def test_output_is_readable_without_ray(trained):
     code = ("import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]); "
             "print(t.schema.field('emb').type, t.num_rows, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["fixed_size_list<element:", "float>[16]", "120", "False"]
+    assert out.split() == ["fixed_size_list<element:", "float>[16]", "100", "False"]
 
 
 def test_rerun_of_a_finished_job_writes_nothing(ray_local, trained, capsys):
