@@ -1,0 +1,73 @@
+"""The cluster definitions: the launcher YAML against Ray's own schema, KubeRay manifests' required fields."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).parent.parent / "cluster"
+ROOT = CLUSTER.parent
+
+
+def test_aws_launcher_config_passes_rays_schema():
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(cfg))  # fills Ray's defaults, then raises on any schema violation
+    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}  # no work on the head
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["max_workers"] > gpu["min_workers"] == 0  # autoscaling
+    assert any('".[gpu]"' in c for c in cfg["setup_commands"])
+    assert "IamInstanceProfile" in gpu["node_config"]
+    with pytest.raises(Exception):  # the schema check is real: an unknown key fails it
+        validate_config(prepare_config(dict(cfg, not_a_launcher_key=1)))
+    text = (CLUSTER / "aws.yaml").read_text().lower()
+    assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
+
+
+def check_ray_cluster_spec(spec: dict) -> None:
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and "rayStartParams" in group
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["template"]["spec"]["containers"][0]["image"]
+        mounts = group["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert {"name": "shm", "mountPath": "/dev/shm"} in mounts
+    gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"][0]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_kuberay_raycluster():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    assert doc["metadata"]["name"]
+    check_ray_cluster_spec(doc["spec"])
+
+
+def test_kuberay_rayjob_runs_an_existing_entrypoint_and_tears_down():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "jobs/upgrade.py"] and (ROOT / argv[1]).exists()
+    from fct_dist import config
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    config.load(ROOT / argv[argv.index("--config") + 1], overrides)  # the job's config is valid
+    check_ray_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_runtime_env_excludes_local_bulk():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert {".venv/", ".git/", "fct-data/"} <= set(env["excludes"])
+
+
+def test_every_stage_has_a_job_entrypoint():
+    from fct_dist.cli import parser
+    stages = parser()._subparsers._group_actions[0].choices
+    for name in stages:
+        if name != "search":
+            assert (ROOT / "jobs" / f"{name.replace('-', '_')}.py").exists(), name
