@@ -32,22 +32,27 @@ def exact_ranking(q: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g: np.
                   g_ids: np.ndarray, max_rank: int, block_size: int) -> dict:
     """CMC[1..max_rank] and mAP over the full ranking, computed in blocks of queries."""
     d = max(q.shape[1], g.shape[1])  # a smaller-dim side is zero-padded (only the incompatible case)
-    qt, gt = torch.from_numpy(_pad(q, d)).double(), torch.from_numpy(_pad(g, d)).double()
-    gl, gi = torch.from_numpy(g_labels), torch.from_numpy(g_ids)
+    qt, gt = torch.tensor(_pad(q, d)), torch.tensor(_pad(g, d))
+    gl = torch.from_numpy(np.asarray(g_labels, np.int64))
     g_sq = (gt * gt).sum(1)
+    own = {int(x): i for i, x in enumerate(g_ids)}  # the query's own item in the gallery, if any
     hits, ap_sum, counted = np.zeros(max_rank), 0.0, 0
     for s in range(0, len(q), block_size):
-        qb = qt[s:s + block_size]
-        dist = (qb * qb).sum(1, keepdim=True) + g_sq[None] - 2 * qb @ gt.T  # (b, n)
+        qb, lab = qt[s:s + block_size], torch.from_numpy(np.asarray(q_labels[s:s + block_size], np.int64))
+        dist = torch.addmm(g_sq[None], qb, gt.T, alpha=-2).add_((qb * qb).sum(1, keepdim=True))  # (b, n)
+        rows = [(r, own[int(i)]) for r, i in enumerate(q_ids[s:s + block_size]) if int(i) in own]
+        if rows:  # the query itself sorts last and is then dropped
+            dist[[r for r, _ in rows], [c for _, c in rows]] = float("inf")
         order = torch.sort(dist, dim=1, stable=True).indices
-        keep = gi[order] != torch.from_numpy(q_ids[s:s + block_size])[:, None]  # drop the query itself
-        match = (gl[order] == torch.from_numpy(q_labels[s:s + block_size])[:, None]) & keep
+        match = gl[order] == lab[:, None]
+        if rows:
+            match[[r for r, _ in rows], -1] = False
         n_pos = match.sum(1)
         valid = n_pos > 0
-        rank = keep.cumsum(1)  # 1-based rank among kept items
-        precision = match.cumsum(1).double() / rank.clamp(min=1)
+        rank = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
+        precision = match.cumsum(1, dtype=torch.float64) / rank
         ap = (precision * match).sum(1) / n_pos.clamp(min=1)
-        first = torch.where(match, rank, torch.iinfo(torch.int64).max).min(1).values  # rank of first hit
+        first = torch.where(match, rank, float("inf")).min(1).values  # rank of the first hit
         ap_sum += float(ap[valid].sum())
         counted += int(valid.sum())
         for k in range(max_rank):
