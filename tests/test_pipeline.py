@@ -116,6 +116,7 @@ def bad_lake(store, meta):
         "part-00002.parquet": {"ids": [20, 21, 21]},  # 21 repeated in the file
         "part-00003.parquet": {"ids": [2, 30]},  # 2 also in part-00000
         "part-00004.parquet": {"ids": []},  # zero rows
+        "part-00006.parquet": {"ids": [40, 41], "old": np.full((2, d_old), np.inf, np.float32)},  # all bad
     }, meta)
     good = store.read_bytes(f"{directory}/part-00000.parquet")
     store.write_bytes(f"{directory}/part-00005.parquet", good[: len(good) // 2])  # truncated
@@ -146,8 +147,8 @@ def test_quarantine_accounts_for_every_row(ray_local, trained, local_cfg):
     cfg.backfill.input = bad_lake(store, registry.read_meta(store, "fct"))
     m = backfill.backfill(cfg, store, "fct")
     s = m["summary"]
-    assert s["rows_in"] == 3 + 3 + 3 + 2 + 0  # the truncated file's footer is gone: its rows cannot be counted
-    assert s["rows_rejected"] == 1 + 1 + 1  # NaN row, repeated id, id 2 again
+    assert s["rows_in"] == 3 + 3 + 3 + 2 + 0 + 2  # the truncated file's footer is gone: its rows cannot be counted
+    assert s["rows_rejected"] == 1 + 1 + 1 + 2  # NaN row, repeated id, id 2 again, the all-inf file
     assert s["rows_out"] + s["rows_rejected"] == s["rows_in"]
     assert s["files_quarantined"] == 1
     (why,) = s["quarantined"].values()
@@ -157,7 +158,9 @@ def test_quarantine_accounts_for_every_row(ray_local, trained, local_cfg):
     rejected = lake.read_lake(store, store.path("rejected", "fct", "test"), {"id": pa.int64(), "reason": pa.string()})
     reasons = dict(zip(rejected["id"].to_pylist(), rejected["reason"].to_pylist()))
     assert reasons == {11: "NaN/inf in old", 21: "duplicate id (repeated in this file)",
-                       2: "duplicate id (kept in an earlier file)"}
+                       2: "duplicate id (kept in an earlier file)", 40: "NaN/inf in old", 41: "NaN/inf in old"}
+    empty = lake.read_part(store, store.path("embeddings", "fct", "test", "part-00006.parquet"), {"emb": 16})
+    assert empty.num_rows == 0  # a file whose rows were all rejected still has the output schema
     reason = store.read_json(store.path("rejected", "fct", "test", "part-00005.parquet.reason.json"))
     assert "part-00005.parquet" in reason["file"]
 
@@ -210,3 +213,20 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
     m = store.manifest(out)
     assert m["summary"]["rows_in"] == m["summary"]["rows_out"] == 40 * 3000
     assert json.dumps(m).count("rows_in") == 41  # one per file + the summary
+
+
+def test_undecodable_image_is_quarantined_by_id(ray_local, trained, local_cfg):
+    cfg = local_cfg("extract.on_bad_input=quarantine")
+    store = open_store(cfg.storage)
+    copy_tree(trained[1], store, "models")
+    src = trained[1]
+    good = src.list(src.path("images", "test"), ".parquet")[0]
+    table = lake.read_part(src, good, {"id": pa.int64()})
+    images = table["image"].to_pylist()
+    images[3] = b"\x89PNG broken"
+    lake.write_image_split(store, "test", table["id"].to_numpy(), images, table["label"].to_numpy(), 1000, {})
+    m = extract.extract(cfg, store, "test", {"old": "old"}, "probe")
+    assert (m["summary"]["rows_in"], m["summary"]["rows_out"], m["summary"]["rows_rejected"]) == (100, 99, 1)
+    rejected = lake.read_lake(store, store.path("rejected", "probe", "test"), {"id": pa.int64(), "reason": pa.string()})
+    assert rejected["id"].to_pylist() == [int(table["id"][3])]
+    assert rejected["reason"][0].as_py().startswith("image does not decode")

@@ -27,7 +27,7 @@ class TransformFn:
     def __init__(self, store: Store, h_name: str, cols: Columns, precision: str):
         module, meta = registry.load(store, h_name, {"kind": "transformation"})
         self.h, self.device, self.dtype = place(module, precision)
-        self.cols, self.use_side = cols, meta["arch"]["use_side"]
+        self.cols, self.new_dim = cols, meta["dims"]["new"]
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
@@ -40,7 +40,7 @@ class TransformFn:
                    for n, o in zip(null[invalid], ok_old[invalid])]
         keep = ~invalid
         to = functools.partial(torch.as_tensor, device=self.device, dtype=self.dtype)
-        out = self.h(to(old[keep]), to(side[keep])) if keep.any() else torch.zeros(0, 0)
+        out = self.h(to(old[keep]), to(side[keep])) if keep.any() else torch.zeros(0, self.new_dim)
         return invalid, reasons, {c.out: out.float().cpu().numpy()}
 
 

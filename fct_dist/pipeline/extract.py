@@ -21,10 +21,11 @@ class ExtractFn:
     """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows."""
 
     def __init__(self, store: Store, models: dict[str, str], precision: str):
-        self.models = {}
+        self.models, self.dims = {}, {}
         for col, name in models.items():
             module, meta = registry.load(store, name)
             self.models[col], self.device, self.dtype = place(registry.embedder(meta["kind"], module), precision)
+            self.dims[col] = meta["dims"]["emb"]
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
@@ -36,7 +37,7 @@ class ExtractFn:
                 invalid[i] = True
                 reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")
         if not images:
-            return invalid, reasons, {c: np.zeros((0, 0), np.float32) for c in self.models}
+            return invalid, reasons, {c: np.zeros((0, d), np.float32) for c, d in self.dims.items()}
         x = torch.from_numpy(np.concatenate(images)).to(self.device)
         return invalid, reasons, {c: m(x).float().cpu().numpy() for c, m in self.models.items()}
 

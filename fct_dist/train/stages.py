@@ -92,22 +92,20 @@ def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False)
     """The new model on all classes; with `bct`, BCT's baseline (old dim + old classifier's influence)."""
     labels, _ = classes_of(cfg, store)
     name, opt = ("bct", cfg.train.bct) if bct else ("new", cfg.train.new)
-    emb_dim = None
-    extra: dict = {}
+    emb_dim, extra, compat = None, {}, {}
     if bct:
         old_model, old_meta = registry.load(store, "old", {"kind": "classifier"})
         emb_dim = old_meta["dims"]["emb"]
-        index = torch.full((max(labels) + 1,), -1, dtype=torch.long)
-        index[torch.tensor(np.searchsorted(labels, old_meta["classes"]))] = torch.arange(len(old_meta["classes"]))
+        index = torch.full((len(labels),), -1, dtype=torch.long)  # target position -> old classifier output
+        index[torch.from_numpy(np.searchsorted(labels, old_meta["classes"]))] = torch.arange(len(old_meta["classes"]))
         extra = {"old_fc": old_model.fc.weight.detach().clone(), "old_index": index}
         compat = {"compatible_with": {"old": old_meta["version"]}}
     arch = backbone_arch(cfg.models.new, store, emb_dim)
-    fp = digest(cfg.fingerprint("models.new", f"train.{name}"), data_version(store),
-                compat if bct else None)
+    fp = digest(cfg.fingerprint("models.new", f"train.{name}"), data_version(store), compat or None)
     task = (BctTask if bct else ClassifierTask)(opt=dataclasses.asdict(opt), store=store, arch=arch,
                                                 labels=None, num_classes=len(labels), **extra)
     meta = {"kind": "classifier", "arch": {"backbone": arch, "num_classes": len(labels)}, "classes": labels,
-            "dims": {"emb": arch["emb_dim"]}, "data": data_version(store)} | (compat if bct else {})
+            "dims": {"emb": arch["emb_dim"]}, "data": data_version(store)} | compat
     return _run(cfg, store, name, fp, task, meta, force,
                 lambda m: (m, {"test_accuracy": accuracy(m, store, labels)}))
 
