@@ -59,7 +59,6 @@ def _search(cfg: Config, store: Store, a) -> None:
         queries = np.load(a.vectors).astype(np.float32)
         ids = None
     else:
-        from . import lake
         ids, queries = index.embed_images(store, a.model, a.split, a.ids)
     d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe)
     for row in range(len(queries)):

@@ -37,3 +37,18 @@ def test_cli_reports_a_bad_config_before_any_work(tmp_path, capsys):
     assert cli.main(["upgrade", "--set", f"storage.root={tmp_path}/r", "--set", "train.num_workers=-3"]) == 2
     assert "train.num_workers: -3 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_seeds_are_aggregated_as_mean_and_std():
+    from fct_dist import config, report, upgrade
+    cfg = upgrade.with_seed(config.load(None), 7)
+    assert {s.seed for s in (cfg.train.old, cfg.train.side, cfg.train.new, cfg.train.bct, cfg.train.transformation)} == {7}
+
+    def run(top1, m_ap):
+        case = {"query": "new", "gallery": "fct", "label": "new / FCT", "method": "exact",
+                "top1": top1, "top5": 1.0, "map": m_ap, "cmc": [top1, 1.0]}
+        return {"evaluation": {"cases": [case]}}
+    (agg,) = report.aggregate([run(0.8, 0.5), run(0.9, 0.7)])
+    assert agg["top1"] == pytest.approx(0.85) and agg["top1_std"] == pytest.approx(0.05)
+    assert agg["map"] == pytest.approx(0.6) and agg["map_std"] == pytest.approx(0.1)
+    assert agg["cmc"] == pytest.approx([0.85, 1.0])
