@@ -151,6 +151,7 @@ def plot(result: dict) -> bytes:
     sizes = [s["rows"] for s in result["scale"]]
     b.plot(sizes, [s["rows_per_second"] for s in result["scale"]], "o-", label="rows/s")
     b.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title="scaling")
+    b.set_ylim(bottom=0)
     b2 = b.twinx()
     b2.plot(sizes, [s["peak_rss_gb"] for s in result["scale"]], "s--", color="#c44", label="peak RSS (GB)")
     b2.set_ylabel("peak RSS of the process tree (GB)")

@@ -90,4 +90,5 @@ def test_bad_config_job_fails_with_the_clear_error(ray_head):
     job_id = re.search(r"raysubmit_\w+", log).group(0)
     status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={ray_head['address']}", job_id],
                             env=ray_head["env"], capture_output=True, text=True, timeout=60)
-    assert "FAILED" in status.stdout + status.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+    assert f"Job '{job_id}' failed" in text  # what `ray job status` prints for JobStatus.FAILED
