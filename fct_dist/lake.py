@@ -26,10 +26,6 @@ class LakeError(ValueError):
     """A lake file whose content is not what the reader expects; the message names the file."""
 
 
-def vector_type(d: int) -> pa.DataType:
-    return pa.list_(pa.float32(), d)
-
-
 def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
