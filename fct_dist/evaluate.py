@@ -86,31 +86,33 @@ def ranking_from_neighbours(nbr_ids: np.ndarray, q_labels: np.ndarray, q_ids: np
             "queries_without_match": int((~valid).sum()), "method": f"faiss top-{nbr_ids.shape[1]} (mAP@k)"}
 
 
-def load_source(store: Store, model: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted, vectors) of one model's embeddings of `split`."""
+Source = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids (sorted), vectors, labels
+
+
+def split_labels(store: Store, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, labels) of the split's images: the ground truth of every case."""
+    t = lake.read_lake(store, store.path("images", split), {"id": pa.int64(), "label": pa.int32()},
+                       columns=["id", "label"]).sort_by("id")
+    return t["id"].to_numpy(), t["label"].to_numpy()
+
+
+def load_source(store: Store, model: str, split: str, truth: tuple[np.ndarray, np.ndarray]) -> Source:
+    """One model's embeddings of `split` with each row's label from `truth` (see split_labels)."""
     name, col = SOURCES[model]
     directory = store.path("embeddings", name, split)
     store.manifest(directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
-    return t["id"].to_numpy(), lake.to_numpy(t[col])
-
-
-def labels_of(store: Store, split: str, ids: np.ndarray) -> np.ndarray:
-    t = lake.read_lake(store, store.path("images", split), {"id": pa.int64(), "label": pa.int32()},
-                       columns=["id", "label"]).sort_by("id")
-    all_ids, labels = t["id"].to_numpy(), t["label"].to_numpy()
+    ids, (all_ids, labels) = t["id"].to_numpy(), truth
     pos = np.searchsorted(all_ids, ids)
     if (pos >= len(all_ids)).any() or (all_ids[pos.clip(max=len(all_ids) - 1)] != ids).any():
-        raise lake.LakeError(f"embedding ids not found in images/{split}: the lakes are from different data")
-    return labels[pos]
+        raise lake.LakeError(f"{store.uri(directory)}: ids not found in images/{split}: the lakes are from different data")
+    return ids, lake.to_numpy(t[col]), labels[pos]
 
 
-def case(cfg: Config, store: Store, query: str, gallery: str) -> dict:
-    """One cell of the matrix: query-model / gallery-model."""
+def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str, Source]) -> dict:
+    """One cell of the matrix: query-model / gallery-model, from sources loaded once per matrix."""
     split = cfg.eval.split
-    q_ids, q = load_source(store, query, split)
-    g_ids, g = load_source(store, gallery, split)
-    q_lab, g_lab = labels_of(store, split, q_ids), labels_of(store, split, g_ids)
+    (q_ids, q, q_lab), (g_ids, g, g_lab) = sources[query], sources[gallery]
     if len(g) <= cfg.eval.exact_max_gallery:
         r = exact_ranking(q, q_lab, q_ids, g, g_lab, g_ids, cfg.eval.max_rank, cfg.eval.block_size)
     else:
@@ -145,10 +147,14 @@ def format_table(cases: list[dict]) -> str:
 
 def matrix(cfg: Config, store: Store, print_table: bool = False) -> dict:
     """Every case whose embeddings exist; returns {"cases": [...], "gap_closed": {...}}."""
-    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(store.path("embeddings", name, cfg.eval.split))}
-    cases = [case(cfg, store, q, g) for q, g in CASES if q in present and g in present]
+    split = cfg.eval.split
+    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(store.path("embeddings", name, split))}
+    pairs = [(q, g) for q, g in CASES if q in present and g in present]
+    truth = split_labels(store, split)
+    sources = {m: load_source(store, m, split, truth) for m in {m for pair in pairs for m in pair}}
+    cases = [case(cfg, store, q, g, sources) for q, g in pairs]
     out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in ("fct", "fct-noside")},
-           "skipped": [f"{q}/{g}" for q, g in CASES if not (q in present and g in present)]}
+           "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
     if print_table:
         print(format_table(cases))
         for g, v in out["gap_closed"].items():

@@ -127,14 +127,14 @@ def build(cfg: Config, store: Store, name: str, split: str = "test", column: str
                 "source": store.uri(src), "source_producer": src_manifest["producer"], "column": column,
                 "train_sample": len(sample), "build_seconds": round(seconds, 2),
                 "rows_per_second": round(rows / seconds, 1), "gpu": use_gpu, "settings": settings}
-    manifest["recall_at_10"] = recall_at_10(store, name, split, sample, files, column, d, c.nprobe, manifest)
+    manifest["recall_at_10"] = recall_at_10(store, name, split, files, column, d, c.nprobe, manifest)
     store.write_manifest(out, manifest)
     print(f"[index] {factory}: {rows} rows in {len(shards)} shards, {manifest['bytes'] / 1e6:.1f} MB, "
           f"{manifest['rows_per_second']:.0f} rows/s, recall@10 {manifest['recall_at_10']} -> {store.uri(out)}")
     return manifest
 
 
-def recall_at_10(store: Store, name: str, split: str, sample: np.ndarray, files: list[str], column: str,
+def recall_at_10(store: Store, name: str, split: str, files: list[str], column: str,
                  d: int, nprobe: int, manifest: dict, n_queries: int = 1000, max_rows: int = 2_000_000) -> float | None:
     """Recall@10 of the sharded index against exact search, on queries drawn from the lake itself."""
     if manifest["rows"] > max_rows:
