@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
     s.add_argument("--force", action="store_true", help="rerun every stage")
-    cmd("bench", _bench, "backfill vs plain loop throughput")
+    cmd("bench", _bench, "backfill vs full re-extraction, each also without Ray; scaling; 1B projection")
     return p
 
 

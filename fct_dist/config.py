@@ -184,10 +184,26 @@ class Eval:
 
 
 @dataclass
+class Projection:
+    items: int = num(1_000_000_000, 1)
+    gpus: list[int] = field(default_factory=lambda: [8, 64, 512])
+    storage_gbps: float = num(100.0, 0.001)
+    gpu_backfill_rows_per_s: float = num(147_000.0, 1.0)
+    gpu_extract_images_per_s: float = num(2_500.0, 1.0)
+
+
+@dataclass
 class Bench:
     rows: int = num(1_000_000, 1)
-    scale_rows: list[int] = field(default_factory=lambda: [1_000_000, 4_000_000])
+    scale_rows: list[int] = field(default_factory=lambda: [250_000, 1_000_000, 4_000_000])
     rows_per_file: int = num(100_000, 1)
+    demo_items: int = num(50_000, 1)
+    production_items: int = num(256, 1)
+    image_files: int = num(8, 1)
+    image_size: int = num(224, 16, 4096)
+    jpeg_height: int = num(375, 16, 8192)
+    production_batch_size: int = num(32, 1, 1 << 16)
+    projection: Projection = sub(Projection)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .storage import Store, StorageError
 
@@ -152,14 +152,23 @@ def encode_png(img: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`, RGB resized and centre-cropped to size x size."""
+    im = Image.open(io.BytesIO(data))
+    if size is None:
+        return np.asarray(im)
+    im.draft("RGB", (size, size))  # JPEG: let libjpeg decode at the smallest scale still >= size
+    return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size)))
+
+
 def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
-                  ids: np.ndarray | None = None) -> np.ndarray:
+                  ids: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 (n, C, H, W); an image that does not decode is named by id."""
     values = col.to_pylist() if hasattr(col, "to_pylist") else col
     out = []
     for i, b in enumerate(values):
         try:
-            a = np.asarray(Image.open(io.BytesIO(b)))
+            a = decode_image(b, size)
         except Exception as e:  # PIL raises many types for corrupt bytes
             who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
             raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None

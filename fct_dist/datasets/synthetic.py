@@ -35,3 +35,20 @@ def load(num_classes: int, train_per_class: int, test_per_class: int, size: int,
                       generate(labels, size, channels, seed + 100 * (k + 1)), labels.astype(np.int32))
         next_id += len(labels)
     return out
+
+
+def jpeg_photos(n: int, height: int, seed: int) -> list[bytes]:
+    """Photo-like JPEGs (height x 4/3 height, RGB, quality 90): a smooth colour field plus sensor
+    noise, which compresses like a photograph (~100 KB at height 375)."""
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    width, out = height * 4 // 3, []
+    for _ in range(n):
+        field = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        img = np.asarray(field, np.float32) + rng.normal(0, 20, (height, width, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out

@@ -18,21 +18,29 @@ from .device import place
 
 
 class ExtractFn:
-    """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows."""
+    """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows.
+
+    Models whose meta names an `input_size` get images resized and centre-cropped to it (all models
+    of one pass share it)."""
 
     def __init__(self, store: Store, models: dict[str, str], precision: str):
-        self.models, self.dims = {}, {}
+        self.models, self.dims, sizes = {}, {}, set()
         for col, name in models.items():
             module, meta = registry.load(store, name)
             self.models[col], self.device, self.dtype = place(registry.embedder(meta["kind"], module), precision)
             self.dims[col] = meta["dims"]["emb"]
+            sizes.add(meta.get("input_size"))
+        if len(sizes) > 1:
+            raise LakeError(f"models {sorted(models.values())} expect different input sizes {sorted(map(str, sizes))}; "
+                            "extract them in separate passes")
+        self.size = sizes.pop()
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
         images, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
         for i, b in enumerate(rb.column("image").to_pylist()):
             try:
-                images.append(lake.decode_images([b]))
+                images.append(lake.decode_images([b], size=self.size))
             except LakeError as e:
                 invalid[i] = True
                 reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")
