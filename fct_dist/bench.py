@@ -168,8 +168,8 @@ def measured(work: Callable[[], dict], gpus: float) -> dict:
     with Usage() as u:
         r = work()
     seconds, rows = time.time() - t0, r["rows"]
-    return r | {"seconds": round(seconds, 2), "items_per_second": round(rows / seconds, 2), "gpus": gpus,
-                "cpu_seconds": round(u.cpu_seconds, 1),
+    return r | {"seconds": round(seconds, 4), "items_per_second": round(rows / seconds, 2), "gpus": gpus,
+                "cpu_seconds": round(u.cpu_seconds, 4),
                 "cpu_seconds_per_million": round(u.cpu_seconds / rows * 1e6, 1),
                 "gpu_seconds_per_million": round(gpus * seconds / rows * 1e6, 1),
                 "bytes_per_item": round(r["bytes_in"] / rows, 1), "peak_rss_gb": round(u.peak / 2**30, 3)}

@@ -37,6 +37,9 @@ class Storage:
     root: str = "./fct-data"
     s3_endpoint: Optional[str] = None
     s3_region: str = "us-east-1"
+    s3_max_attempts: int = num(8, 1, 100)
+    s3_request_timeout: Optional[float] = num(None, 0.01)
+    s3_connect_timeout: Optional[float] = num(None, 0.01)
 
 
 @dataclass
@@ -130,6 +133,7 @@ class Train:
     num_workers: int = num(2, 0, 4096)
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = num(1.0, 0.0, 1024)
+    max_failures: int = num(2, -1, 1000)
     old: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
     side: SideTrain = field(default_factory=lambda: SideTrain(epochs=3, batch_size=256, lr=0.3))
     new: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
@@ -198,7 +202,7 @@ class Bench:
     scale_rows: list[int] = field(default_factory=lambda: [250_000, 1_000_000, 4_000_000])
     rows_per_file: int = num(100_000, 1)
     demo_items: int = num(50_000, 1)
-    production_items: int = num(256, 1)
+    production_items: int = num(512, 1)
     image_files: int = num(8, 1)
     image_size: int = num(224, 16, 4096)
     jpeg_height: int = num(375, 16, 8192)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from .storage import Store, StorageError
+from .storage import Store, StorageError, is_storage_fault
 
 IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
 META_KEY = b"fct"
@@ -117,6 +117,8 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
     except LakeError:
         raise
     except (OSError, pa.ArrowException) as e:
+        if is_storage_fault(e):
+            raise StorageError(f"cannot read {where}: {e}") from None
         raise LakeError(f"{where}: not a readable Parquet file ({e})") from None
     if id_col in table.column_names:
         dups = duplicate_ids(table[id_col].to_numpy())

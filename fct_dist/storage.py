@@ -27,6 +27,12 @@ class StorageError(RuntimeError):
     """An object that cannot be read or written, named by its URI."""
 
 
+def is_storage_fault(e: BaseException) -> bool:
+    """An OSError from the filesystem or object store (errno set, or the AWS SDK's), as opposed to
+    Arrow's OSErrors about the bytes it read (corrupt data), which are the input's fault."""
+    return isinstance(e, OSError) and (e.errno is not None or "AWS Error" in str(e) or "curlCode" in str(e))
+
+
 @dataclass
 class Store:
     fs: pafs.FileSystem
@@ -41,12 +47,17 @@ class Store:
         return f"s3://{path}" if self.scheme == "s3" else path
 
     def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        try:
+            return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot stat {self.uri(path)}: {e}") from None
 
     def list(self, path: str, suffix: str = "") -> list[str]:
         """Files directly under `path` ending in `suffix`, sorted; hidden and `_` files skipped."""
-        sel = pafs.FileSelector(path, allow_not_found=True)
-        infos = self.fs.get_file_info(sel)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
                       and not i.base_name.startswith((".", "_")))
 
@@ -58,19 +69,21 @@ class Store:
             raise StorageError(f"cannot read {self.uri(path)}: {e}") from None
 
     def write_bytes(self, path: str, data: bytes | pa.Buffer) -> None:
-        """Atomically write `data` to `path`."""
+        """Atomically write `data` to `path`; on failure nothing appears under `path`."""
         parent = path.rsplit("/", 1)[0]
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
         try:
             self.fs.create_dir(parent, recursive=True)
             if self.scheme == "s3":
                 with self.fs.open_output_stream(path) as f:
                     f.write(data)
                 return
-            tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
             self.fs.move(tmp, path)
         except (OSError, pa.ArrowException) as e:
+            if self.scheme != "s3" and os.path.exists(tmp):  # a full disk must not keep the half-written tmp
+                os.remove(tmp)
             raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
 
     def read_json(self, path: str) -> dict:
@@ -80,11 +93,14 @@ class Store:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def delete(self, path: str) -> None:
-        info = self.fs.get_file_info(path)
-        if info.type == pafs.FileType.Directory:
-            self.fs.delete_dir(path)
-        elif info.type == pafs.FileType.File:
-            self.fs.delete_file(path)
+        try:
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(path)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot delete {self.uri(path)}: {e}") from None
 
     def manifest(self, directory: str) -> dict:
         """The manifest that marks `directory` complete; a clear error when it is missing."""
@@ -102,12 +118,16 @@ class Store:
         return self.exists(f"{directory}/{MANIFEST}")
 
 
-def s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region, "allow_bucket_creation": True}
-    if endpoint:
-        u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+def s3_filesystem(cfg: StorageCfg) -> pafs.S3FileSystem:
+    """The AWS SDK's standard retry mode (exponential backoff with jitter on throttling, 5xx and
+    network errors) with the configured attempts and timeouts."""
+    kwargs: dict = {"region": cfg.s3_region, "allow_bucket_creation": True,
+                    "request_timeout": cfg.s3_request_timeout, "connect_timeout": cfg.s3_connect_timeout}
+    if cfg.s3_endpoint:
+        u = urlparse(cfg.s3_endpoint if "://" in cfg.s3_endpoint else f"https://{cfg.s3_endpoint}")
         kwargs |= {"endpoint_override": u.netloc, "scheme": u.scheme}
-    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8), **kwargs)
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.s3_max_attempts),
+                             **kwargs)
 
 
 def open_store(cfg: StorageCfg) -> Store:
@@ -116,7 +136,7 @@ def open_store(cfg: StorageCfg) -> Store:
     if u.scheme == "s3":
         if not u.netloc:
             raise StorageError(f"storage.root {cfg.root!r}: an s3:// root needs a bucket, e.g. s3://bucket/prefix")
-        return Store(s3_filesystem(cfg.s3_endpoint, cfg.s3_region), f"{u.netloc}{u.path}".rstrip("/"), "s3")
+        return Store(s3_filesystem(cfg), f"{u.netloc}{u.path}".rstrip("/"), "s3")
     if u.scheme in ("", "file"):
         path = u.path if u.scheme == "file" else cfg.root
         return Store(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), "file")

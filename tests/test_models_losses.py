@@ -84,3 +84,12 @@ def test_transformation_learns_and_side_info_carries_what_old_lacks():
     with_side, without = fit_h(True, data), fit_h(False, data)
     assert with_side < 0.05
     assert without > 0.2 and without > 4 * with_side
+
+
+def test_resnet50_layout_has_torchvisions_parameter_count():
+    """torchvision's resnet50 without its fc has 23,508,032 parameters; the 128-d projection (1x1 conv
+    2048->128 + BatchNorm) adds 262,144 + 256."""
+    m = ResNet(3, 64, [3, 4, 6, 3], 128, bottleneck=True, imagenet=True).eval()
+    assert sum(p.numel() for p in m.parameters()) == 23_508_032 + 262_144 + 256
+    with torch.no_grad():
+        assert m(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 128)

@@ -107,3 +107,10 @@ def test_storage_root_forms(tmp_path):
     assert (s3.root, s3.scheme) == ("bucket/pre/fix", "s3")
     with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
         open_store(Storage(root="gs://b/p"))
+
+
+def test_jpeg_is_resized_and_centre_cropped_to_the_model_input():
+    from fct_dist.datasets import synthetic
+    jpegs = synthetic.jpeg_photos(2, 48, seed=0)  # 64 x 48 RGB
+    assert lake.decode_images(jpegs).shape == (2, 3, 48, 64)
+    assert lake.decode_images(jpegs, size=32).shape == (2, 3, 32, 32)

@@ -29,7 +29,7 @@ from .. import lake
 from ..config import Actors
 from ..lake import LakeError
 from ..runtime import gpus_available
-from ..storage import Store
+from ..storage import Store, StorageError, is_storage_fault
 
 FIELDS = ("input", "output", "rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out", "seconds",
           "quarantined")
@@ -87,6 +87,8 @@ class FileMapper:
                     if rej is not None:
                         rejected.append(rej)
         except (LakeError, OSError, pa.ArrowException) as e:
+            if is_storage_fault(e):  # the store failed, not the data: never quarantine, always stop
+                raise StorageError(f"cannot read {where}: {e}") from None
             if job.actors.on_bad_input == "fail":
                 raise LakeError(str(e) if isinstance(e, LakeError) else f"{where}: unreadable ({e})") from None
             return self.quarantine_file(path, str(e), t0)

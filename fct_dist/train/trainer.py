@@ -33,7 +33,8 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
         scaling_config=scaling(cfg),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=store.path("checkpoints"), storage_filesystem=store.fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")

@@ -1,0 +1,58 @@
+"""`fct bench` in tiny mode: its bookkeeping, not its speed."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fct_dist import bench, lake
+from fct_dist.storage import open_store
+
+
+def vectors(store, directory):
+    t = lake.read_lake(store, directory, {"id": pa.int64()})
+    order = np.argsort(t["id"].to_numpy())
+    return t["id"].to_numpy()[order], lake.to_numpy(t["emb"])[order]
+
+
+def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    r = bench.run(cfg, store)
+    profiles = {p.name: p for p in bench.profiles(cfg)}
+    assert set(r["profiles"]) == {"demo", "production"}
+    for name, res in r["profiles"].items():
+        sub = bench.profile_store(store, profiles[name])
+        n_items = {"backfill": cfg.bench.rows, "re-extraction": profiles[name].items}
+        for job, lakes in (("backfill", ("bare-fct", "fct")), ("re-extraction", ("bare-new", "new"))):
+            j = res[job]
+            split = f"n{cfg.bench.rows}" if job == "backfill" else bench.IMAGE_SPLIT
+            (ids_a, emb_a), (ids_b, emb_b) = (vectors(sub, sub.path("embeddings", x, split)) for x in lakes)
+            # both runs wrote every item once, the same ids, and the same vectors (the same batch function)
+            assert j["bare"]["rows"] == j["ray"]["rows"] == n_items[job] == len(ids_a)
+            assert np.array_equal(ids_a, np.arange(n_items[job])) and np.array_equal(ids_a, ids_b)
+            np.testing.assert_allclose(emb_a, emb_b, atol=1e-4)
+            assert j["same_ids"] is True
+            # the derived figures come from the measured ones
+            inputs = sub.path("embeddings", "stored", split) if job == "backfill" else sub.path("images", split)
+            nbytes = sum(sub.fs.get_file_info(p).size for p in lake.parts(sub, inputs))
+            for run in (j["bare"], j["ray"]):
+                assert run["items_per_second"] == pytest.approx(run["rows"] / run["seconds"], rel=0.01)
+                assert run["cpu_seconds_per_million"] == pytest.approx(run["cpu_seconds"] / run["rows"] * 1e6, rel=0.01, abs=0.1)
+                assert run["cpu_seconds"] > 0 and run["gpu_seconds_per_million"] == 0
+                assert run["bytes_per_item"] == pytest.approx(nbytes / run["rows"], abs=0.1)
+            assert j["ray_over_bare"] == pytest.approx(j["ray"]["items_per_second"] / j["bare"]["items_per_second"], abs=1e-3)
+        assert res["reextracted_ids_are_backfilled_ids"] is True
+        sp = res["speedup"]
+        assert sp["ray"] == pytest.approx(res["backfill"]["ray"]["items_per_second"]
+                                          / res["re-extraction"]["ray"]["items_per_second"], abs=0.1)
+    assert [s["rows"] for s in r["scale"]] == cfg.bench.scale_rows
+    pj, pc = r["projection"], cfg.bench.projection
+    row = next(x for x in pj["rows"] if x["job"] == "re-extraction" and x["gpus"] == pc.gpus[0])
+    compute_h = pc.items / (pc.gpus[0] * pc.gpu_extract_images_per_s) / 3600
+    storage_h = pc.items * row["bytes_per_item"] * 8 / (pc.storage_gbps * 1e9) / 3600
+    assert row["wall_hours"] == pytest.approx(max(compute_h, storage_h), abs=1e-3)
+    assert row["gpu_hours"] == pytest.approx(pc.gpus[0] * row["wall_hours"], rel=0.01)
+    for artefact in ("bench.md", "bench.json", "throughput.png", "scaling.png"):
+        assert store.exists(f"{r['report_dir']}/{artefact}")
+    assert "| production | re-extraction |" in store.read_bytes(f"{r['report_dir']}/bench.md").decode()
