@@ -21,8 +21,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray for the session (never attaches to a cluster started by `ray start`)."""
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
-    yield
+    yield ray.init(address="local", num_cpus=2, log_to_driver=False)
     ray.shutdown()
 
 

@@ -254,6 +254,8 @@ def run(job: FileJob) -> dict:
 def _map_with_ray(job: FileJob, todo: list[str], dups: dict[str, list[int]]) -> list[dict]:
     a = job.actors
     gpu = gpus_available() and a.gpus_per_actor > 0
+    # a stage's own error (bad input, storage) reaches the caller as itself, not as UserCodeException
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_items([{"input": p, "exclude": dups.get(p, [])} for p in todo],
                              override_num_blocks=len(todo))
     ds = ds.map_batches(FileMapper, fn_constructor_kwargs={"job": job}, batch_size=1,

@@ -1,0 +1,235 @@
+"""Faults survived: lost actors and Train workers, S3 throttling/resets/stalls, a permanently failing
+object, a full disk and a denied directory. Each run ends exactly once or fails clearly, with nothing
+marked done that is not."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import psutil
+import pytest
+
+from fct_dist import lake
+from fct_dist.config import Storage
+from fct_dist.models import registry
+from fct_dist.pipeline import backfill, index
+from fct_dist.storage import open_store
+from fct_dist.train import stages
+
+from .conftest import copy_tree, make_cfg
+from .faultproxy import FaultProxy
+from .test_pipeline import read_output, write_stored
+
+ROWS_PER_FILE, FILES = 3000, 40
+
+
+def big_lake(store, meta) -> str:
+    directory = store.path("big")
+    write_stored(store, directory, {lake.part_name(i): {"ids": list(range(i * ROWS_PER_FILE, (i + 1) * ROWS_PER_FILE))}
+                                    for i in range(FILES)}, meta)
+    return directory
+
+
+def processes(title: str, root: psutil.Process | None = None) -> list[psutil.Process]:
+    """Our own descendants whose process title contains `title` (Ray sets ray::<Actor> titles)."""
+    root = root or psutil.Process()
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def exactly_once(store, out: str, n: int) -> None:
+    ids, _ = read_output(store, out)
+    np.testing.assert_array_equal(ids, np.arange(n))  # sorted, so equality = every id once
+    m = store.manifest(out)["summary"]
+    assert m["rows_in"] == m["rows_out"] == n and m["rows_rejected"] == 0
+
+
+def test_killed_ray_data_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, trained, local_cfg):
+    cfg = local_cfg("backfill.batch_size=16", "backfill.num_actors=2")
+    store = open_store(cfg.storage)
+    copy_tree(trained[1], store, "models")
+    cfg.backfill.input = big_lake(store, registry.read_meta(store, "fct"))
+    out, result = store.path("embeddings", "fct", "test"), {}
+    run = threading.Thread(target=lambda: result.update(m=backfill.backfill(cfg, store, "fct")))
+    run.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(store.list(out, ".parquet")) < 2:
+        time.sleep(0.1)
+    (victim, *_) = processes("FileMapper")
+    victim.send_signal(signal.SIGKILL)
+    run.join(timeout=300)
+    assert "m" in result, "the backfill did not finish after its actor was killed"
+    assert not victim.is_running() and len(store.list(out, ".parquet")) == FILES
+    assert result["m"]["summary"]["files_mapped_this_run"] == FILES  # one run, no manual rerun
+    exactly_once(store, out, FILES * ROWS_PER_FILE)
+
+
+def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path):
+    """SIGKILL one Ray Train worker once a checkpoint is registered: the worker group restarts
+    (train.max_failures) and the loop continues from the last checkpoint, in the same run."""
+    root = tmp_path / "root"
+    store = open_store(Storage(root=str(root)))
+    copy_tree(trained[1], store, "images")
+    args = [sys.executable, "-m", "fct_dist.cli", "train-new", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--set", "train.new.epochs=6", "--set", "train.new.batch_size=8"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout))
+    reader.start()
+    deadline = time.time() + 240
+    snapshots = root / "checkpoints"
+    registered = 0  # the last epoch whose checkpoint the Train controller has registered
+    while time.time() < deadline and not registered:
+        for f in snapshots.glob("*/checkpoint_manager_snapshot.json"):
+            latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
+            registered = latest.get("metrics", {}).get("epoch", 0)
+        time.sleep(0.1)
+    workers = processes("RayTrainWorker", psutil.Process(proc.pid))
+    assert workers, "no Ray Train worker found to kill"
+    workers[0].send_signal(signal.SIGKILL)
+    try:
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join()
+    text = "".join(log)
+    assert proc.returncode == 0, text[-3000:]
+    assert "[FailurePolicy] RETRY" in text, text[-3000:]  # the controller restarted the worker group
+    epochs: dict[int, set[int]] = {}  # worker pid -> epochs it trained
+    for pid, epoch in re.findall(r"RayTrainWorker pid=(\d+)\)(?:\x1b\[0m)? \[new\] epoch (\d+)/6", text):
+        epochs.setdefault(int(pid), set()).add(int(epoch))
+    restarted = {pid: e for pid, e in epochs.items() if pid not in {w.pid for w in workers}}
+    assert restarted, epochs
+    assert all(min(e) > registered for e in restarted.values()), (registered, epochs)
+    assert 6 in set().union(*restarted.values()), epochs
+    assert [h["epoch"] for h in registry.read_meta(store, "new")["metrics"]["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture
+def faulty_s3(trained, s3_endpoint):
+    """A bucket holding the trained models and lakes (written directly), reached through a proxy
+    that injects faults into 5 % of the requests."""
+    proxy = FaultProxy(s3_endpoint, fraction=0.05, stall_seconds=2.0).start()
+    bucket = f"fct-{uuid.uuid4().hex[:10]}"
+    direct = open_store(make_cfg(f"s3://{bucket}/lake", endpoint=s3_endpoint).storage)
+    for part in ("models", "images", "embeddings/stored"):
+        copy_tree(trained[1], direct, part)
+    cfg = make_cfg(f"s3://{bucket}/lake", "storage.s3_request_timeout=1", endpoint=proxy.url)
+    yield cfg, open_store(cfg.storage), proxy
+    proxy.stop()
+
+
+def test_backfill_index_and_checkpoints_survive_5_percent_s3_faults(ray_local, trained, faulty_s3):
+    cfg, store, proxy = faulty_s3
+    _, local, _ = trained
+    m = backfill.backfill(cfg, store, "fct", "test")
+    ids, emb = read_output(store, store.path("embeddings", "fct", "test"))
+    ref_ids, ref_emb = read_output(local, local.path("embeddings", "fct", "test"))
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
+    assert m["summary"]["rows_out"] == len(ref_ids)
+    built = index.build(cfg, store, "fct", "test")
+    assert built["rows"] == len(ref_ids)
+    d, i = index.search(store, "fct", "test", ref_emb[:20], 5, cfg.index.nprobe)
+    d_ref, i_ref = index.search(local, "fct", "test", ref_emb[:20], 5, cfg.index.nprobe)
+    np.testing.assert_array_equal(i, i_ref)
+    meta = stages.train_old(cfg, store, force=True)  # Ray Train checkpoints every epoch to the faulty bucket
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == list(range(1, cfg.train.old.epochs + 1))
+    assert proxy.requests > 100 and all(proxy.counts[k] > 0 for k in ("slowdown", "reset", "stall")), proxy.counts
+
+
+def test_permanently_failing_object_stops_the_job_naming_it(ray_local, trained, s3_endpoint):
+    proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"stored/test/part-00001\.parquet").start()
+    try:
+        bucket = f"fct-{uuid.uuid4().hex[:10]}"
+        direct = open_store(make_cfg(f"s3://{bucket}/lake", endpoint=s3_endpoint).storage)
+        for part in ("models", "embeddings/stored"):
+            copy_tree(trained[1], direct, part)
+        cfg = make_cfg(f"s3://{bucket}/lake", "storage.s3_max_attempts=2", endpoint=proxy.url)
+        with pytest.raises(Exception, match=r"cannot read s3://.*/stored/test/part-00001\.parquet: .*503"):
+            backfill.backfill(cfg, open_store(cfg.storage), "fct", "test")
+        assert proxy.counts["fail"] >= 2  # retried, then given up
+        out = direct.path("embeddings", "fct", "test")
+        assert not direct.has_manifest(out) and not direct.exists(f"{out}/part-00001.parquet")
+    finally:
+        proxy.stop()
+
+
+def confined(script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a private user (+ mount) namespace: root there cannot override the permissions
+    of files it does not own, and can mount a small tmpfs of its own."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("user namespaces (unshare -Urm) are not available on this machine")
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def backfill_cmd(root, *sets: str) -> str:
+    args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--set", "backfill.num_actors=1", *(x for s in sets for x in ("--set", s))]
+    return " ".join(args)
+
+
+def test_full_disk_fails_clearly_and_marks_nothing_done(trained, tmp_path):
+    src = open_store(Storage(root=str(tmp_path / "src")))
+    copy_tree(trained[1], src, "models")
+    big = big_lake(src, registry.read_meta(src, "fct"))
+    used = sum(f.stat().st_size for f in (tmp_path / "src").rglob("*") if f.is_file())
+    root = tmp_path / "root"
+    root.mkdir()
+    out = f"{root}/embeddings/fct/test"
+    r = confined(f"mount -t tmpfs -o size={used // 2**20 + 2}m none {root} && cp -a {tmp_path}/src/. {root}/ && "
+                 f"{backfill_cmd(root, 'backfill.input=' + big.replace(str(tmp_path / 'src'), str(root)))}; "
+                 f"echo rc=$?; echo manifests: $(find {out} -name _manifest.json); echo tmp: $(find {root} -name '*.tmp')")
+    assert "rc=2" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "No space left on device" in r.stderr and f"cannot write {out}/part-" in r.stderr, r.stderr[-3000:]
+    assert "manifests:\n" in r.stdout and "tmp:\n" in r.stdout, r.stdout
+
+
+def test_denied_output_directory_fails_clearly_and_writes_nothing(trained, tmp_path):
+    root = tmp_path / "root"
+    store = open_store(Storage(root=str(root)))
+    copy_tree(trained[1], store, "models")
+    copy_tree(trained[1], store, "embeddings/stored")
+    denied = tmp_path / "denied"
+    denied.mkdir()
+    if os.geteuid() == 0:
+        os.chown(denied, 12345, 12345)  # unmapped in the namespace below: its root gets no override
+    else:
+        denied.chmod(0o555)
+    r = confined(f"{backfill_cmd(root, f'backfill.output={denied}/fct')}; echo rc=$?")
+    assert "rc=2" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert f"cannot write {denied}/fct/_run.json" in r.stderr and "Permission denied" in r.stderr, r.stderr[-3000:]
+    assert not any(denied.iterdir())
+
+
+def test_local_services_listen_on_loopback(ray_local, s3_endpoint):
+    """The dashboard, the test S3 and the fault proxy listen on 127.0.0.1 only. (Ray 2.60's gRPC
+    servers bind every interface whatever the node address; Ray's token auth, on by default, guards
+    them: see cluster/README.md.)"""
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        me = psutil.Process()
+        ours = {p.pid: p for p in [me, *me.children(recursive=True)]}
+        listening = [(c.laddr.ip, c.laddr.port, ours[c.pid]) for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        for url in (ray_local.dashboard_url, s3_endpoint, proxy.url):
+            port = int(url.rsplit(":", 1)[1])
+            assert {ip for ip, p, _ in listening if p == port} == {"127.0.0.1"}, url
+    finally:
+        proxy.stop()
