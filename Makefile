@@ -9,7 +9,7 @@ TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
 STAMP   := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo test bench data clean-data
+.PHONY: install demo test bench chaos data clean-data
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fct bench --config $(CONFIG)
+
+# the fault soak: S3 faults through a proxy, killed actors and drivers, the bad-input table; ends with figures
+chaos: $(STAMP)
+	$(PY) -m tests.chaos --rounds 3

@@ -105,6 +105,21 @@ def duplicate_ids(ids: np.ndarray) -> np.ndarray:
     return uniq[counts > 1]
 
 
+def read_error(e: Exception, where: str) -> Exception:
+    """A failed Parquet read as the right error: the store's fault, or bytes that are not Parquet."""
+    if is_storage_fault(e):
+        return StorageError(f"cannot read {where}: {e}")
+    return LakeError(f"{where}: not a readable Parquet file ({e})")
+
+
+def read_schema(store: Store, path: str) -> pa.Schema:
+    try:
+        with store.fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise read_error(e, store.uri(path)) from None
+
+
 def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
               columns: Iterable[str] | None = None, id_col: str = "id") -> pa.Table:
     """Read one Parquet file, check its schema and that its ids are unique; errors name the file."""
@@ -117,9 +132,7 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
     except LakeError:
         raise
     except (OSError, pa.ArrowException) as e:
-        if is_storage_fault(e):
-            raise StorageError(f"cannot read {where}: {e}") from None
-        raise LakeError(f"{where}: not a readable Parquet file ({e})") from None
+        raise read_error(e, where) from None
     if id_col in table.column_names:
         dups = duplicate_ids(table[id_col].to_numpy())
         if len(dups):

@@ -11,6 +11,7 @@ import http.client
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,13 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>
 HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that gave up on a stalled request (its timeout) is expected here, not an error."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     def __init__(self, upstream: str, fraction: float = 0.05, stall_seconds: float = 2.0, fail: str | None = None,
                  kinds: tuple[str, ...] = KINDS):
@@ -30,7 +38,7 @@ class FaultProxy:
         self.fraction, self.stall_seconds, self.kinds = fraction, stall_seconds, kinds
         self.fail = re.compile(fail) if fail else None
         self.requests, self.counts, self._lock = 0, {k: 0 for k in (*KINDS, "fail")}, threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 

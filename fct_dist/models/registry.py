@@ -81,5 +81,10 @@ def load(store: Store, name: str, expect: dict | None = None) -> tuple[nn.Module
         raise ArtefactError(f"{where}/model.pt: hash does not match meta version {meta['version']} "
                             "(tampered or partly written artefact)")
     module = build(meta["kind"], meta["arch"])
-    module.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # shapes or names that do not match the recorded arch
+        raise ArtefactError(f"{where}/model.pt: weights do not fit the recorded architecture {meta['arch']} "
+                            f"({str(e).splitlines()[0]})") from None
     return module.eval(), meta

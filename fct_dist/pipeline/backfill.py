@@ -8,7 +8,6 @@ import functools
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from .. import lake
@@ -46,9 +45,7 @@ class TransformFn:
 
 def check_inputs(store: Store, first_file: str, cols: Columns, meta: dict) -> None:
     """Before any work: the lake's dims (and producers, when recorded) must be what h was trained on."""
-    where = store.uri(first_file)
-    with store.fs.open_input_file(first_file) as f:
-        schema = pq.ParquetFile(f).schema_arrow
+    where, schema = store.uri(first_file), lake.read_schema(store, first_file)
     lake.check_schema(schema, {cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
                       where)
     filemap.check_versions(schema, {cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]}, where)
@@ -62,7 +59,7 @@ def backfill(cfg: Config, store: Store, h_name: str = "fct", split: str = "test"
     b, cols = cfg.backfill, cfg.backfill.columns
     in_dir = b.input.rstrip("/") if b.input else store.path("embeddings", "stored", split)
     out_dir = b.output.rstrip("/") if b.output else store.path("embeddings", h_name, split)
-    meta = registry.read_meta(store, h_name)
+    _, meta = registry.load(store, h_name)  # a tampered or mismatching artefact fails here, before any actor starts
     if meta.get("kind") != "transformation":
         raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
     inputs = lake.parts(store, in_dir)

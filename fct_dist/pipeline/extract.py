@@ -56,7 +56,7 @@ def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_n
     image_dir = store.path("images", split)
     producer = {}
     for col, name in models.items():
-        meta = registry.read_meta(store, name)
+        _, meta = registry.load(store, name)  # verified here, before any actor starts
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
     job = filemap.FileJob(
         store=store, inputs=lake.parts(store, image_dir), out_dir=store.path("embeddings", out_name, split),

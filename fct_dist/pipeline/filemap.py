@@ -29,7 +29,7 @@ from .. import lake
 from ..config import Actors
 from ..lake import LakeError
 from ..runtime import gpus_available
-from ..storage import Store, StorageError, is_storage_fault
+from ..storage import Store, is_storage_fault
 
 FIELDS = ("input", "output", "rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out", "seconds",
           "quarantined")
@@ -88,7 +88,7 @@ class FileMapper:
                         rejected.append(rej)
         except (LakeError, OSError, pa.ArrowException) as e:
             if is_storage_fault(e):  # the store failed, not the data: never quarantine, always stop
-                raise StorageError(f"cannot read {where}: {e}") from None
+                raise lake.read_error(e, where) from None
             if job.actors.on_bad_input == "fail":
                 raise LakeError(str(e) if isinstance(e, LakeError) else f"{where}: unreadable ({e})") from None
             return self.quarantine_file(path, str(e), t0)
@@ -196,8 +196,11 @@ def cross_file_duplicates(store: Store, paths: list[str], id_col: str) -> dict[s
     for group in groups:
         seen: set[int] = set()
         for p in sorted(group, key=order.get):
-            with store.fs.open_input_file(p) as f:
-                ids = pq.read_table(f, columns=[id_col])[id_col].to_numpy()
+            try:
+                with store.fs.open_input_file(p) as f:
+                    ids = pq.read_table(f, columns=[id_col])[id_col].to_numpy()
+            except (OSError, pa.ArrowException) as e:
+                raise lake.read_error(e, store.uri(p)) from None
             dup = sorted(set(ids.tolist()) & seen)
             if dup:
                 out[p] = dup

@@ -1,0 +1,172 @@
+"""`make chaos`: a longer soak of the fault tests, ending with figures.
+
+Per round: a backfill and an index build on S3 through the fault proxy (5 % faulty requests by
+default), a backfill whose Ray Data actor is SIGKILLed midway, and a `fct backfill` process
+SIGKILLed midway then rerun. Once: a Ray Train run on S3 through the proxy (checkpoints), and the
+bad-input table. Every finished lake is checked id by id: rows lost and rows duplicated must be 0.
+
+    python -m tests.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from moto.server import ThreadedMotoServer
+
+from fct_dist import bench, config, lake
+from fct_dist.pipeline import backfill, index
+from fct_dist.storage import open_store
+
+from .badinputs import CASES, attempt
+from .faultproxy import FaultProxy
+from .test_faults import processes
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
+
+
+class Tally:
+    def __init__(self):
+        self.faults, self.runs, self.lost, self.duplicated, self.log = 0, 0, 0, 0, []
+
+    def check(self, what: str, store, directory: str, n: int) -> None:
+        """Count ids missing from / repeated in a finished lake that should hold ids 0..n-1."""
+        ids = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id"])["id"].to_numpy()
+        lost = len(np.setdiff1d(np.arange(n), ids))
+        duplicated = len(ids) - len(np.unique(ids))
+        self.runs += 1
+        self.lost += lost
+        self.duplicated += duplicated
+        self.log.append({"run": what, "rows": n, "lost": lost, "duplicated": duplicated})
+        print(f"[chaos] {what}: {n:,} rows, lost {lost}, duplicated {duplicated}", flush=True)
+
+
+def setup(root: str, rows: int, files: int, *sets: str):
+    """Random-weight tiny artefacts and a stored lake of `rows` ids in `files` files under `root`."""
+    cfg = config.load(None, [f"storage.root={root}", *sets], preset="tiny")
+    store = open_store(cfg.storage)
+    p = bench.profiles(cfg)[0]
+    bench.save_models(store, p)
+    cfg.backfill.input = bench.stored_lake(store, p, rows, -(-rows // files))
+    return cfg, store
+
+
+def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
+    proxy = FaultProxy(endpoint, fraction=fraction, stall_seconds=2.0).start()
+    bucket = f"chaos-{uuid.uuid4().hex[:8]}"
+    cfg, store = setup(f"s3://{bucket}/lake", rows, 20, f"storage.s3_endpoint={proxy.url}",
+                       "storage.s3_request_timeout=1")
+    backfill.backfill(cfg, store, "fct")
+    t.check(f"backfill on S3, {fraction:.0%} faulty requests", store, store.path("embeddings", "fct", "test"), rows)
+    built = index.build(cfg, store, "fct", "test")
+    assert built["rows"] == rows, built
+    t.runs += 1
+    proxy.stop()
+    t.faults += proxy.faults
+    print(f"[chaos] index on S3: {built['rows']:,} rows; proxy: {proxy.requests} requests, faults {proxy.counts}")
+
+
+def actor_kill_round(t: Tally, root: str, rows: int) -> None:
+    cfg, store = setup(root, rows, 40, "backfill.batch_size=16", "backfill.num_actors=2")
+    out, done = store.path("embeddings", "fct", "test"), {}
+    run = threading.Thread(target=lambda: done.update(m=backfill.backfill(cfg, store, "fct")))
+    run.start()
+    while len(store.list(out, ".parquet")) < 2:
+        time.sleep(0.1)
+    processes("FileMapper")[0].kill()
+    t.faults += 1
+    run.join()
+    t.check("backfill, a Ray Data actor SIGKILLed", store, out, rows)
+
+
+def driver_kill_round(t: Tally, root: str, rows: int) -> None:
+    cfg, store = setup(root, rows, 40)
+    args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--set", f"backfill.input={cfg.backfill.input}", "--set", "backfill.batch_size=16",
+            "--set", "backfill.num_actors=1"]
+    out = store.path("embeddings", "fct", "test")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while len(store.list(out, ".parquet")) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t.faults += 1
+    subprocess.run(args, check=True, capture_output=True)
+    t.check("fct backfill SIGKILLed, then rerun", store, out, rows)
+
+
+def train_on_faulty_s3(t: Tally, endpoint: str, fraction: float) -> None:
+    from fct_dist import datasets
+    from fct_dist.train import stages
+    proxy = FaultProxy(endpoint, fraction=fraction, stall_seconds=2.0).start()
+    bucket = f"chaos-{uuid.uuid4().hex[:8]}"
+    cfg = config.load(None, [f"storage.root=s3://{bucket}/lake", f"storage.s3_endpoint={proxy.url}",
+                             "storage.s3_request_timeout=1", "train.old.epochs=3"], preset="tiny")
+    store = open_store(cfg.storage)
+    datasets.fill(cfg, store)
+    meta = stages.train_old(cfg, store, force=True)
+    assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3]
+    t.runs += 1
+    proxy.stop()
+    t.faults += proxy.faults
+    print(f"[chaos] Ray Train on S3 (checkpoint per epoch): 3 epochs; proxy faults {proxy.counts}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="chaos")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fraction", type=float, default=0.05)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--out", default="fct-data/reports")
+    a = ap.parse_args(argv)
+    t0, t = time.time(), Tally()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+            for r in range(a.rounds):
+                print(f"\n=== chaos round {r + 1}/{a.rounds} ===", flush=True)
+                s3_round(t, endpoint, a.fraction, a.rows)
+                actor_kill_round(t, f"{tmp}/actor-{r}", a.rows)
+                driver_kill_round(t, f"{tmp}/driver-{r}", a.rows)
+            train_on_faulty_s3(t, endpoint, a.fraction)
+            print("\n=== bad inputs ===", flush=True)
+            bad = [attempt(c, Path(tmp) / f"bad-{i}") for i, c in enumerate(CASES)]
+    finally:
+        ray.shutdown()
+        server.stop()
+    figures = {"faults_injected": t.faults, "runs_completed": t.runs, "rows_lost": t.lost,
+               "rows_duplicated": t.duplicated, "bad_input_cases_tried": len(bad),
+               "bad_input_cases_handled": sum(b["handled"] for b in bad), "seconds": round(time.time() - t0)}
+    lines = ["# make chaos", "", f"rounds {a.rounds}, {a.fraction:.0%} faulty S3 requests, {a.rows:,} rows per lake", "",
+             "| bad input | expected | observed | rows in = out + rejected | handled |", "|---|---|---|---|---|"]
+    lines += [f"| {b['case']} | {b['expected']} | {b['observed'][:140]} | "
+              f"{b['rows'][0]} = {b['rows'][1]} + {b['rows'][2]} | {'yes' if b['handled'] else '**NO**'} |" for b in bad]
+    lines += ["", "| figure | value |", "|---|---|"] + [f"| {k.replace('_', ' ')} | {v} |" for k, v in figures.items()]
+    md = "\n".join(lines) + "\n"
+    out = Path(a.out) / time.strftime("chaos-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.md").write_text(md)
+    (out / "chaos.json").write_text(json.dumps({"figures": figures, "runs": t.log, "bad_inputs": bad}, indent=2))
+    print("\n" + md + f"\nchaos report: {out}/chaos.md")
+    ok = t.lost == 0 and t.duplicated == 0 and figures["bad_input_cases_handled"] == len(bad)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
