@@ -215,8 +215,8 @@ def pool_gpus(actors: Actors, gpu: bool) -> float:
 
 
 def profile_store(root: Store, p: Profile) -> Store:
-    """Each profile lives in its own sub-root bench/{profile}, laid out like any storage root."""
-    return Store(root.fs, root.path("bench", p.name), root.scheme)
+    """Each profile lives in its own sub-root bench/{profile}."""
+    return root.sub("bench", p.name)
 
 
 def run_profile(cfg: Config, root: Store, p: Profile) -> dict:

@@ -42,6 +42,10 @@ class Store:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
+    def sub(self, *parts: str) -> "Store":
+        """A store rooted at a folder of this one, laid out like any storage root."""
+        return Store(self.fs, self.path(*parts), self.scheme)
+
     def uri(self, path: str) -> str:
         """A human-readable URI for messages and manifests."""
         return f"s3://{path}" if self.scheme == "s3" else path

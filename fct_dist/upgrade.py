@@ -65,7 +65,7 @@ def upgrade(cfg: Config, store: Store, seeds: int = 1, force: bool = False) -> s
     t0 = time.time()
     runs = []
     for s in range(seeds):
-        sub = store if s == 0 else Store(store.fs, store.path("seeds", f"seed-{s}"), store.scheme)
+        sub = store if s == 0 else store.sub("seeds", f"seed-{s}")
         if seeds > 1:
             print(f"\n##### seed {s} ({store.uri(sub.root)}) #####")
         runs.append(run_once(with_seed(cfg, cfg.train.old.seed + s) if s else cfg, sub, force))
