@@ -16,7 +16,6 @@ the measured per-item costs are projected to bench.projection.items on K GPUs.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
 import platform
@@ -32,7 +31,7 @@ import psutil
 import ray
 import torch
 
-from . import lake
+from . import lake, report
 from .config import Actors, Config, Projection
 from .datasets import synthetic
 from .lake import LakeError
@@ -349,20 +348,8 @@ def run(cfg: Config, store: Store) -> dict:
     return result | {"report_dir": directory}
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def plot_throughput(r: dict) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = report.figure((9, 4.5))
     labels, x = [], 0
     for name, prof in r["profiles"].items():
         for job in ("backfill", "re-extraction"):
@@ -377,14 +364,11 @@ def plot_throughput(r: dict) -> bytes:
     ax.set(yscale="log", ylabel="items / s (log)", title=f"backfill vs re-extraction, {r['machine']['cores']} cores"
            + (f", {r['machine']['gpu']}" if r["gpu_used"] else ", CPU only"))
     ax.legend()
-    return _png(fig)
+    return report.png(fig)
 
 
 def plot_scaling(r: dict) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = report.figure((6, 4))
     sizes = [s["rows"] for s in r["scale"]]
     ax.plot(sizes, [s["items_per_second"] for s in r["scale"]], "o-", label="rows/s")
     ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title="production backfill (Ray) by lake size")
@@ -394,7 +378,7 @@ def plot_scaling(r: dict) -> bytes:
     ax2.set_ylabel("peak RSS of the process tree (GB)")
     ax2.set_ylim(bottom=0)
     fig.legend(loc="lower center", ncol=2, fontsize=8)
-    return _png(fig)
+    return report.png(fig)
 
 
 def render(r: dict) -> str:

@@ -44,21 +44,32 @@ def goals(cases: list[dict]) -> list[dict]:
     ]
 
 
-def cmc_plot(cases: list[dict]) -> bytes:
+def figure(figsize: tuple[float, float]):
+    """(fig, ax) on the non-interactive backend: reports are written by jobs without a display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in cases:
-        ax.plot(range(1, len(c["cmc"]) + 1), [100 * v for v in c["cmc"]], marker=".", label=c["label"])
-    ax.set(xlabel="rank k", ylabel="CMC top-k (%)", title="CMC curves (query / gallery)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    return plt.subplots(figsize=figsize)
+
+
+def png(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    import matplotlib.pyplot as plt
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def cmc_plot(cases: list[dict]) -> bytes:
+    fig, ax = figure((7, 4.5))
+    for c in cases:
+        ax.plot(range(1, len(c["cmc"]) + 1), [100 * v for v in c["cmc"]], marker=".", label=c["label"])
+    ax.set(xlabel="rank k", ylabel="CMC top-k (%)", title="CMC curves (query / gallery)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig)
 
 
 def write(store: Store, runs: list[dict], config: dict, run_name: str | None = None) -> str:
