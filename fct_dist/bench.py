@@ -204,8 +204,8 @@ def ray_job(run_stage: Callable[[], dict], store: Store, out_dir: str) -> dict:
 
 
 def ids_of(store: Store, directory: str) -> np.ndarray:
-    return np.sort(np.concatenate([pq.read_table(store.fs.open_input_file(p), columns=["id"])["id"].to_numpy()
-                                   for p in lake.parts(store, directory)]))
+    """The sorted ids of an output lake (read_lake also refuses an id written twice)."""
+    return np.sort(lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id"])["id"].to_numpy())
 
 
 def pool_gpus(actors: Actors, gpu: bool) -> float:
