@@ -20,22 +20,18 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import Store, open_store
 
+from .test_pipeline import write_stored
+
 @dataclass
 class Ctx:
     cfg: Config
     store: Store
 
     def stored(self, files: dict[str, dict], version: str = bench.DATA_VERSION, dims: dict | None = None) -> None:
-        """Write the stored lake backfill.input = in/ : {file: {"ids": [...], "old": array, ...}}."""
-        meta = registry.read_meta(self.store, "fct")
-        dims = dims or meta["dims"]
-        prod = {c: {"model": c, "version": version, "dim": dims[c]} for c in ("old", "side")}
-        rng = np.random.default_rng(0)
-        for name, f in files.items():
-            n = len(f["ids"])
-            vec = {c: f.get(c, rng.random((n, dims[c]), np.float32)) for c in ("old", "side") if c not in f.get("drop", ())}
-            lake.write_part(self.store, f"{self.cfg.backfill.input}/{name}",
-                            lake.embedding_table(np.asarray(f["ids"]), vec, prod))
+        """Write the stored lake backfill.input = in/ (see write_stored), as made by `version`."""
+        dims = dims or registry.read_meta(self.store, "fct")["dims"]
+        write_stored(self.store, self.cfg.backfill.input, files, {"dims": dims,
+                                                                 "producers": {"old": version, "side": version}})
 
     def images(self, blobs: list[bytes]) -> None:
         lake.write_image_split(self.store, "test", np.arange(len(blobs)), blobs, np.zeros(len(blobs), np.int32), 100, {})

@@ -94,15 +94,16 @@ def test_rerun_of_a_finished_job_writes_nothing(ray_local, trained, capsys):
 
 
 def write_stored(store, directory, files: dict[str, dict], meta: dict) -> None:
-    """Stored-lake files {name: {"ids": [...], "old": array or None, "side": ...}} carrying h's producers."""
+    """Stored-lake files {name: {"ids": [...], "old": array, "side": ..., "drop": columns to leave out}}
+    carrying h's producers."""
     prod = {"old": {"model": "old", "version": meta["producers"]["old"], "dim": meta["dims"]["old"]},
             "side": {"model": "side", "version": meta["producers"]["side"], "dim": meta["dims"]["side"]}}
     rng = np.random.default_rng(0)
     for name, f in files.items():
         n = len(f["ids"])
-        old = f.get("old", rng.random((n, meta["dims"]["old"]), np.float32))
-        side = f.get("side", rng.random((n, meta["dims"]["side"]), np.float32))
-        lake.write_part(store, f"{directory}/{name}", lake.embedding_table(np.asarray(f["ids"]), {"old": old, "side": side}, prod))
+        vectors = {c: f.get(c, rng.random((n, meta["dims"][c]), np.float32)) for c in ("old", "side")
+                   if c not in f.get("drop", ())}
+        lake.write_part(store, f"{directory}/{name}", lake.embedding_table(np.asarray(f["ids"]), vectors, prod))
 
 
 def bad_lake(store, meta):
