@@ -37,4 +37,4 @@ python3 -m fct_dist.cli bench --set storage.root="$root" --set bench.rows=100000
   --set "bench.scale_rows=[1000000, 2000000]" --set bench.rows_per_file=100000 \
   --set backfill.num_actors=2 --set backfill.gpus_per_actor=0.5 --set backfill.cpus_per_actor=1 \
   --set backfill.batch_size=65536 --set backfill.precision=bf16
-cp "$root"/reports/bench-*/bench.* "$out"/
+cp "$root"/reports/bench-*/* "$out"/
