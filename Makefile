@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[$(FLAVOUR),test]"
+	# pin the torch just installed: resolving the extras must not swap the CPU build for a CUDA one
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[$(FLAVOUR),test]"
 	touch $@
 
 demo: $(STAMP)
