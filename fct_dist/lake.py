@@ -1,14 +1,21 @@
-"""The Parquet lakes of DESIGN.md: schemas, validated readers and atomic writers.
+"""The Parquet lakes: schemas, validated readers and atomic writers.
 
 Image lake:     images/{split}/part-*.parquet      id int64, image binary (PNG/JPEG), label int32
 Embedding lake: embeddings/{name}/{split}/part-*   id int64 + one fixed_size_list<float32>[d] per model
                 (file metadata key `fct`: JSON with the producing model of every vector column)
-Every finished dataset directory holds a `_manifest.json`, written last.
+Every finished dataset directory holds a `_manifest.json`, written last; when it lists its files,
+readers read exactly those.
+
+Written layout (chosen by measurement, docs/ARCHITECTURE.md): no dictionary, no compression (float
+vectors neither repeat nor compress), statistics only on the id column (they give each file's id
+range from its footer). Any valid Parquet is read.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -70,9 +77,14 @@ def embedding_table(ids: np.ndarray, vectors: dict[str, np.ndarray], producer: d
     return table.replace_schema_metadata({META_KEY: json.dumps(producer, sort_keys=True)})
 
 
-def parquet_bytes(table: pa.Table) -> pa.Buffer:
+def write_options(id_col: str = "id") -> dict:
+    """ParquetWriter options of every file we write."""
+    return {"use_dictionary": False, "compression": "none", "write_statistics": [id_col]}
+
+
+def parquet_bytes(table: pa.Table, id_col: str = "id") -> pa.Buffer:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **write_options(id_col))
     return sink.getvalue()
 
 
@@ -98,6 +110,45 @@ def check_schema(schema: pa.Schema, expected: dict[str, pa.DataType | int], wher
                 raise LakeError(f"{where}: column {name!r} has dim {d}; expected {want}")
         elif got != want:
             raise LakeError(f"{where}: column {name!r} has type {got}; expected {want}")
+
+
+@dataclass(frozen=True)
+class Footer:
+    sha: str  # SHA-256 of the footer bytes: changes with the schema, row groups, statistics and metadata
+    metadata: pq.FileMetaData
+    size: int  # of the whole file
+
+
+def read_footer(store: Store, path: str) -> Footer:
+    """A Parquet file's footer, in one ranged read (two when it exceeds 64 KiB); a storage fault
+    raises StorageError, bytes that are not Parquet raise LakeError."""
+    where = store.uri(path)
+    try:
+        with store.fs.open_input_file(path) as f:
+            size = f.size()
+            tail = f.read_at(min(size, 1 << 16), max(0, size - (1 << 16)))
+            n = int.from_bytes(tail[-8:-4], "little") if len(tail) >= 12 else -1
+            if tail[-4:] != b"PAR1" or not 0 < n <= size - 12:
+                raise LakeError(f"{where}: not a readable Parquet file (no Parquet footer)")
+            if n + 8 > len(tail):
+                tail = f.read_at(n + 8, size - n - 8)
+            raw = tail[-(n + 8):-8]
+            metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + raw + tail[-8:]))
+    except LakeError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise read_error(e, where) from None
+    return Footer(hashlib.sha256(raw).hexdigest()[:32], metadata, size)
+
+
+def duplicate_mask(ids: np.ndarray, earlier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(repeated: every occurrence of an id after its first in `ids`, kept: ids also in `earlier`,
+    a sorted array of ids kept in an earlier file); vectorised."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    repeated = np.zeros(len(ids), bool)
+    repeated[order[1:][s[1:] == s[:-1]]] = True
+    return repeated, (np.isin(ids, earlier) if len(earlier) else np.zeros(len(ids), bool))
 
 
 def duplicate_ids(ids: np.ndarray) -> np.ndarray:
@@ -141,6 +192,10 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
 
 
 def parts(store: Store, directory: str) -> list[str]:
+    """The lake's Parquet files: those its manifest lists when it has one, else what the folder holds."""
+    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
+    if isinstance(listed, list) and listed and all(isinstance(f, str) for f in listed):
+        return [f"{directory}/{f}" for f in listed]
     files = store.list(directory, ".parquet")
     if not files:
         raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")

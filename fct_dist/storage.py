@@ -5,14 +5,22 @@ The same `pyarrow.fs.FileSystem` serves pyarrow, Ray Data (`filesystem=`), Ray T
 passed in: pyarrow's S3 client takes them from the environment or the instance role.
 
 Writes are atomic: the payload is serialised first, then appears under its final name in one step
-(a rename on local disk, a single PUT on S3), so a reader never sees half a file.
+(a rename on local disk, a single PUT or a completed multipart upload on S3), so a reader never sees
+half a file.
+
+Leases need one more thing pyarrow's S3 client lacks: a conditional write (compare-and-swap).
+`write_if` does it with S3's `If-None-Match` / `If-Match` through s3fs (botocore), and on local disk
+under an exclusive `flock`.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -27,6 +35,10 @@ class StorageError(RuntimeError):
     """An object that cannot be read or written, named by its URI."""
 
 
+class Conflict(StorageError):
+    """A conditional write lost: the object is not (or no longer) the version the writer expected."""
+
+
 def is_storage_fault(e: BaseException) -> bool:
     """An OSError from the filesystem or object store (errno set, or the AWS SDK's), as opposed to
     Arrow's OSErrors about the bytes it read (corrupt data), which are the input's fault."""
@@ -38,13 +50,14 @@ class Store:
     fs: pafs.FileSystem
     root: str  # the root inside `fs`: an absolute path, or bucket/prefix on S3
     scheme: str  # "file" or "s3"
+    s3: tuple = ()  # (endpoint_url, region, max_attempts, connect_timeout, read_timeout) for conditional writes
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
     def sub(self, *parts: str) -> "Store":
         """A store rooted at a folder of this one, laid out like any storage root."""
-        return Store(self.fs, self.path(*parts), self.scheme)
+        return Store(self.fs, self.path(*parts), self.scheme, self.s3)
 
     def uri(self, path: str) -> str:
         """A human-readable URI for messages and manifests."""
@@ -58,12 +71,17 @@ class Store:
 
     def list(self, path: str, suffix: str = "") -> list[str]:
         """Files directly under `path` ending in `suffix`, sorted; hidden and `_` files skipped."""
+        return [i.path for i in self.list_info(path, suffix)]
+
+    def list_info(self, path: str, suffix: str = "", hidden: bool = False) -> list[pafs.FileInfo]:
+        """FileInfo (path, size, mtime) of the files directly under `path` ending in `suffix`, sorted
+        by path; hidden (`.`) and `_` files only with `hidden`."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except (OSError, pa.ArrowException) as e:
             raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
-                      and not i.base_name.startswith((".", "_")))
+        return sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+                       and (hidden or not i.base_name.startswith((".", "_")))), key=lambda i: i.path)
 
     def read_bytes(self, path: str) -> bytes:
         try:
@@ -88,6 +106,95 @@ class Store:
         except (OSError, pa.ArrowException) as e:
             if self.scheme != "s3" and os.path.exists(tmp):  # a full disk must not keep the half-written tmp
                 os.remove(tmp)
+            raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
+
+    def list_versions(self, path: str, suffix: str = "") -> list[tuple[str, int, str]]:
+        """(path, size, version) of the files directly under `path` ending in `suffix`, sorted, hidden
+        and `_` files skipped. The version changes whenever a file is written again: the ETag on S3
+        (a digest of the content; LastModified has only one-second resolution), mtime + ctime + inode
+        on local disk (ctime cannot be set back, unlike mtime)."""
+        if self.scheme != "s3":
+            try:
+                entries = list(os.scandir(path))
+            except FileNotFoundError:
+                return []
+            except OSError as e:
+                raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
+            out = []
+            for e in entries:
+                if e.is_file() and e.name.endswith(suffix) and not e.name.startswith((".", "_")):
+                    st = e.stat()
+                    out.append((e.path, st.st_size, f"{st.st_mtime_ns}.{st.st_ctime_ns}.{st.st_ino}"))
+            return sorted(out)
+        try:
+            entries = _s3fs(self.s3).ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
+        return sorted((e["name"], e["size"], e["ETag"].strip('"')) for e in entries
+                      if e["type"] == "file" and e["name"].endswith(suffix)
+                      and not e["name"].rsplit("/", 1)[-1].startswith((".", "_")))
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one file (server-side on S3); `dst` appears whole or not at all."""
+        try:
+            self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+            self.fs.copy_file(src, dst)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot copy {self.uri(src)} to {self.uri(dst)}: {e}") from None
+
+    def read_versioned(self, path: str) -> tuple[bytes | None, str | None]:
+        """(content, version) of a small object, or (None, None) when it does not exist; the version
+        is what `write_if` compares (the ETag on S3, a content hash on local disk)."""
+        if self.scheme != "s3":
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:
+                raise StorageError(f"cannot read {self.uri(path)}: {e}") from None
+            return data, hashlib.sha256(data).hexdigest()
+        from fsspec.asyn import sync
+        fs = _s3fs(self.s3)
+        try:
+            return sync(fs.loop, _get_object, fs, *path.split("/", 1))
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            raise StorageError(f"cannot read {self.uri(path)}: {e}") from None
+
+    def write_if(self, path: str, data: bytes, version: str | None) -> str:
+        """Write `data` only if the object is still at `version` (None: only if it does not exist);
+        returns the new version, raises Conflict otherwise."""
+        if self.scheme == "s3":
+            return self._s3_write_if(path, data, version)
+        folder = os.path.dirname(path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock = open(f"{path}.lock", "a")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
+        with lock:  # every local conditional writer of `path` holds this lock around read-compare-write
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.read_versioned(path)[1] != version:
+                raise Conflict(f"{self.uri(path)} changed: expected version {version}")
+            self.write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def _s3_write_if(self, path: str, data: bytes, version: str | None) -> str:
+        bucket, key = path.split("/", 1)
+        cond = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+        try:
+            if version is None:
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # the bucket too, as every write does
+            return _s3fs(self.s3).call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+        except OSError as e:
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or (
+                    isinstance(e, FileExistsError) and code != "NoSuchBucket"):
+                raise Conflict(f"{self.uri(path)} changed: expected version {version}") from None
             raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
 
     def read_json(self, path: str) -> dict:
@@ -122,6 +229,24 @@ class Store:
         return self.exists(f"{directory}/{MANIFEST}")
 
 
+async def _get_object(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """Content and ETag from one GET (so they belong together)."""
+    r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with r["Body"] as body:
+        return await body.read(), r["ETag"]
+
+
+@lru_cache(maxsize=None)
+def _s3fs(opts: tuple):
+    """One s3fs client per process and endpoint (conditional writes only; all other I/O is pyarrow's)."""
+    import s3fs
+    endpoint, region, attempts, connect, read = opts
+    config = {"retries": {"max_attempts": attempts, "mode": "standard"}}
+    config |= {k: v for k, v in (("connect_timeout", connect), ("read_timeout", read)) if v}
+    return s3fs.S3FileSystem(endpoint_url=endpoint, client_kwargs={"region_name": region}, config_kwargs=config,
+                             skip_instance_cache=True)
+
+
 def s3_filesystem(cfg: StorageCfg) -> pafs.S3FileSystem:
     """The AWS SDK's standard retry mode (exponential backoff with jitter on throttling, 5xx and
     network errors) with the configured attempts and timeouts."""
@@ -140,7 +265,9 @@ def open_store(cfg: StorageCfg) -> Store:
     if u.scheme == "s3":
         if not u.netloc:
             raise StorageError(f"storage.root {cfg.root!r}: an s3:// root needs a bucket, e.g. s3://bucket/prefix")
-        return Store(s3_filesystem(cfg), f"{u.netloc}{u.path}".rstrip("/"), "s3")
+        endpoint = cfg.s3_endpoint if not cfg.s3_endpoint or "://" in cfg.s3_endpoint else f"https://{cfg.s3_endpoint}"
+        opts = (endpoint, cfg.s3_region, cfg.s3_max_attempts, cfg.s3_connect_timeout, cfg.s3_request_timeout)
+        return Store(s3_filesystem(cfg), f"{u.netloc}{u.path}".rstrip("/"), "s3", opts)
     if u.scheme in ("", "file"):
         path = u.path if u.scheme == "file" else cfg.root
         return Store(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), "file")

@@ -1,9 +1,17 @@
 """A fault-injecting HTTP proxy for S3 tests, on 127.0.0.1 in front of an S3 endpoint (moto).
 
 A set fraction of requests (spread evenly, so a run of n requests sees round(n * fraction) faults)
-gets, in turn: a 503 SlowDown answer, a connection reset, or a stall before being forwarded.
-Requests whose path matches `fail` always get a 503 (a permanently failing object). Faults happen
-before the request reaches the store, so an injected fault never has a side effect.
+gets, in turn:
+- slowdown: a 503 SlowDown answer; the request never reaches the store;
+- reset: the connection is reset; the request never reaches the store;
+- stall: the request waits `stall_seconds`, then is forwarded: a client that timed out meanwhile has
+  retried it, so it may be applied twice;
+- lost: the request is forwarded and applied, and its reply is replaced by a connection reset: the
+  client retries a request that already took effect (a retried conditional write then sees its own
+  write as a conflict).
+Requests matching `fail` (a regex over "METHOD path") get a 503, always or for the first
+`fail_first` of them (a permanently or a temporarily failing object); requests matching `delay` wait
+`delay_seconds` before being forwarded (a slow store, to land a kill inside an operation).
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-KINDS = ("slowdown", "reset", "stall")
+KINDS = ("slowdown", "reset", "stall", "lost")
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
 HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
@@ -32,11 +40,14 @@ class QuietServer(ThreadingHTTPServer):
 
 class FaultProxy:
     def __init__(self, upstream: str, fraction: float = 0.05, stall_seconds: float = 2.0, fail: str | None = None,
-                 kinds: tuple[str, ...] = KINDS):
+                 kinds: tuple[str, ...] = KINDS, fail_first: int | None = None, delay: str | None = None,
+                 delay_seconds: float = 0.0):
         u = urlparse(upstream)
         self.upstream = (u.hostname, u.port)
         self.fraction, self.stall_seconds, self.kinds = fraction, stall_seconds, kinds
         self.fail = re.compile(fail) if fail else None
+        self.fail_first = fail_first
+        self.delay, self.delay_seconds = (re.compile(delay) if delay else None), delay_seconds
         self.requests, self.counts, self._lock = 0, {k: 0 for k in (*KINDS, "fail")}, threading.Lock()
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -46,11 +57,11 @@ class FaultProxy:
     def faults(self) -> int:
         return sum(self.counts.values())
 
-    def decide(self, path: str) -> str | None:
+    def decide(self, request: str) -> str | None:
         with self._lock:
             n, self.requests = self.requests, self.requests + 1
             kind = None
-            if self.fail and self.fail.search(path):
+            if self.fail and self.fail.search(request) and (self.fail_first is None or self.counts["fail"] < self.fail_first):
                 kind = "fail"
             elif int((n + 1) * self.fraction) > int(n * self.fraction):
                 kind = self.kinds[sum(self.counts[k] for k in KINDS) % len(self.kinds)]
@@ -92,7 +103,10 @@ class FaultProxy:
 
             def handle_one(self) -> None:
                 data = self.body()
-                kind = proxy.decide(self.path)
+                request = f"{self.command} {self.path}"
+                kind = proxy.decide(request)
+                if proxy.delay and proxy.delay.search(request):
+                    time.sleep(proxy.delay_seconds)
                 if kind in ("slowdown", "fail"):
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -101,15 +115,19 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(SLOWDOWN)
                     return
-                if kind == "reset":  # RST instead of FIN: the client sees "connection reset by peer"
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
+                if kind == "reset":
+                    self.reset()
                     return
                 if kind == "stall":
                     time.sleep(proxy.stall_seconds)
-                self.forward(data)
+                self.forward(data, lose_reply=kind == "lost")
 
-            def forward(self, data: bytes) -> None:
+            def reset(self) -> None:
+                """RST instead of FIN: the client sees "connection reset by peer"."""
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+
+            def forward(self, data: bytes, lose_reply: bool = False) -> None:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"content-length"}}
                 if self.chunked():  # re-chunk: S3 servers read aws-chunked uploads as a chunked stream
@@ -122,6 +140,9 @@ class FaultProxy:
                 resp = conn.getresponse()
                 payload = resp.read()
                 conn.close()
+                if lose_reply:
+                    self.reset()
+                    return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in HOP and not (k.lower() == "content-length" and self.command != "HEAD"):

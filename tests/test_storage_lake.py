@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -6,6 +8,9 @@ from fct_dist import lake
 from fct_dist.datasets import synthetic
 from fct_dist.lake import LakeError
 from fct_dist.storage import StorageError, open_store
+
+from .faultproxy import FaultProxy
+from .support import make_cfg
 
 
 def store_of(cfg):
@@ -41,15 +46,54 @@ def test_embedding_lake_round_trip_with_producer(any_cfg):
     np.testing.assert_array_equal(lake.to_numpy(t["old"]), v)
 
 
-def test_writes_are_atomic_and_leave_no_temporaries(any_cfg):
+def test_writes_leave_no_temporaries(any_cfg):
     store = store_of(any_cfg())
     path = store.path("a", "b.bin")
     store.write_bytes(path, b"one")
     store.write_bytes(path, b"two")
     assert store.read_bytes(path) == b"two"
-    from pyarrow.fs import FileSelector
-    names = [i.base_name for i in store.fs.get_file_info(FileSelector(store.path("a")))]
-    assert names == ["b.bin"]
+    assert [i.base_name for i in store.list_info(store.path("a"), hidden=True)] == ["b.bin"]
+
+
+def test_a_reader_racing_the_writer_sees_whole_files_only(local_cfg):
+    """40 versions of a 4 MB file, each one byte value throughout, written while another thread reads
+    the file in a loop: every read is one whole version (a write in place would show a short or a
+    mixed read)."""
+    store, size = store_of(local_cfg()), 4 << 20
+    path, stop, reads, torn = store.path("race", "f.bin"), threading.Event(), [], []
+    store.write_bytes(path, bytes([0]) * size)
+
+    def reader():
+        while not stop.is_set():
+            data = store.read_bytes(path)
+            reads.append(data[:1])
+            if len(data) != size or data.count(data[:1]) != size:
+                torn.append((len(data), data[:1]))
+    t = threading.Thread(target=reader)
+    t.start()
+    for k in range(1, 41):
+        store.write_bytes(path, bytes([k]) * size)
+    stop.set()
+    t.join()
+    assert len(set(reads)) > 3, "the reader did not overlap the writes"
+    assert not torn, torn[:5]
+
+
+def test_a_failed_multipart_upload_leaves_the_previous_version(s3_cfg, s3_endpoint):
+    """A 24 MB write goes up as a multipart upload; its completion fails: the object keeps its
+    previous content (nothing half-written appears)."""
+    direct = store_of(s3_cfg())
+    path = direct.path("big", "f.bin")
+    direct.write_bytes(path, b"old")
+    proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"^POST .*/big/f\.bin\?uploadId=").start()
+    try:
+        cfg = make_cfg(f"s3://{direct.root}", "storage.s3_max_attempts=2", endpoint=proxy.url)
+        with pytest.raises(StorageError, match=r"cannot write s3://.*/big/f\.bin"):
+            store_of(cfg).write_bytes(path, b"x" * (24 << 20))
+        assert proxy.counts["fail"] >= 1  # the upload got as far as its completion
+    finally:
+        proxy.stop()
+    assert direct.read_bytes(path) == b"old"
 
 
 def test_missing_manifest_is_a_clear_error(any_cfg):
