@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -134,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     t0 = time.time()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("fct_dist").addHandler(handler)
+    logging.getLogger("fct_dist").setLevel(logging.INFO)
     try:
         cfg = config_mod.load(a.config, a.set, a.preset)
         a.fn(cfg, open_store(cfg.storage), a)

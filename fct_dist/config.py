@@ -145,13 +145,18 @@ class Train:
 
 @dataclass
 class Actors:
-    """A Ray Data actor pool: one actor holds the model(s) on its device."""
+    """The per-file engine's workers: a pool of Ray actors (or this process), each holding the
+    model(s) on its device."""
+    distributor: Literal["ray", "local"] = "ray"
     num_actors: int = num(2, 1, 100_000)
     cpus_per_actor: float = num(0.5, 0.0, 1024)
     gpus_per_actor: float = num(1.0, 0.0, 64)
+    files_in_flight: int = num(2, 1, 64)
     batch_size: int = num(4096, 1, 1 << 24)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     on_bad_input: Literal["fail", "quarantine"] = "fail"
+    max_attempts: int = num(3, 1, 100)
+    lease_seconds: float = num(60.0, 1.0, 86_400)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import Store, open_store
 
-from .test_pipeline import write_stored
+from .support import write_stored
 
 @dataclass
 class Ctx:
@@ -47,7 +47,8 @@ class Case:
 
 
 def make_ctx(root: Path, *sets: str) -> Ctx:
-    cfg = config.load(None, [f"storage.root={root}", "backfill.num_actors=1", "extract.num_actors=1", *sets], preset="tiny")
+    cfg = config.load(None, [f"storage.root={root}", "backfill.distributor=local", "extract.distributor=local", *sets],
+                      preset="tiny")
     store = open_store(cfg.storage)
     bench.save_models(store, bench.profiles(cfg)[0])
     cfg.backfill.input = store.path("in")

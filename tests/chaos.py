@@ -1,9 +1,10 @@
 """`make chaos`: a longer soak of the fault tests, ending with figures.
 
 Per round: a backfill and an index build on S3 through the fault proxy (5 % faulty requests by
-default), a backfill whose Ray Data actor is SIGKILLed midway, and a `fct backfill` process
-SIGKILLed midway then rerun. Once: a Ray Train run on S3 through the proxy (checkpoints), and the
-bad-input table. Every finished lake is checked id by id: rows lost and rows duplicated must be 0.
+default), a backfill whose Ray actor is SIGKILLed midway, and a `fct backfill` process SIGKILLed
+midway then rerun (each kill checked to have landed mid-run). Once: a Ray Train run on S3 through the
+proxy (checkpoints), and the bad-input table. Every finished lake is checked id by id with plain
+pyarrow (every Parquet file in its folder): rows lost and rows duplicated must be 0.
 
     python -m tests.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,17 +22,16 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import ray
 from moto.server import ThreadedMotoServer
 
-from fct_dist import bench, config, lake
+from fct_dist import bench, config
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .test_faults import processes
+from .support import all_ids, kill_session, processes
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -44,7 +43,9 @@ class Tally:
 
     def check(self, what: str, store, directory: str, n: int) -> None:
         """Count ids missing from / repeated in a finished lake that should hold ids 0..n-1."""
-        ids = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id"])["id"].to_numpy()
+        if not store.has_manifest(directory):
+            raise AssertionError(f"{what}: {store.uri(directory)} has no manifest")
+        ids = all_ids(store, directory)
         lost = len(np.setdiff1d(np.arange(n), ids))
         duplicated = len(ids) - len(np.unique(ids))
         self.runs += 1
@@ -79,17 +80,33 @@ def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
     print(f"[chaos] index on S3: {built['rows']:,} rows; proxy: {proxy.requests} requests, faults {proxy.counts}")
 
 
+def wait_for_files(store, out: str, n: int, alive, seconds: float = 120) -> int:
+    """Wait until `out` holds n output files (while `alive()`); the count seen."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and alive() and len(store.list(out, ".parquet")) < n:
+        time.sleep(0.1)
+    return len(store.list(out, ".parquet"))
+
+
+def landed_mid_run(what: str, done: int, files: int, store, out: str) -> None:
+    if not 1 <= done < files or store.has_manifest(out):
+        raise AssertionError(f"{what}: the kill did not land mid-run ({done} of {files} files done)")
+
+
 def actor_kill_round(t: Tally, root: str, rows: int) -> None:
     cfg, store = setup(root, rows, 40, "backfill.batch_size=16", "backfill.num_actors=2")
     out, done = store.path("embeddings", "fct", "test"), {}
     run = threading.Thread(target=lambda: done.update(m=backfill.backfill(cfg, store, "fct")))
     run.start()
-    while len(store.list(out, ".parquet")) < 2:
-        time.sleep(0.1)
-    processes("FileMapper")[0].kill()
+    seen = wait_for_files(store, out, 2, run.is_alive)
+    victims = processes("RayFileWorker")
+    if not victims:
+        raise AssertionError("no Ray actor found to kill")
+    victims[0].kill()
+    landed_mid_run("actor kill", seen, 40, store, out)
     t.faults += 1
-    run.join()
-    t.check("backfill, a Ray Data actor SIGKILLed", store, out, rows)
+    run.join(timeout=600)
+    t.check("backfill, a Ray actor SIGKILLed", store, out, rows)
 
 
 def driver_kill_round(t: Tally, root: str, rows: int) -> None:
@@ -99,12 +116,11 @@ def driver_kill_round(t: Tally, root: str, rows: int) -> None:
             "--set", "backfill.num_actors=1"]
     out = store.path("embeddings", "fct", "test")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    while len(store.list(out, ".parquet")) < 3 and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait_for_files(store, out, 3, lambda: proc.poll() is None)
+    kill_session(proc)
+    landed_mid_run("driver kill", len(store.list(out, ".parquet")), 40, store, out)
     t.faults += 1
-    subprocess.run(args, check=True, capture_output=True)
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
     t.check("fct backfill SIGKILLed, then rerun", store, out, rows)
 
 

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import os
-import urllib.request
 import uuid
 
-import pyarrow.fs as pafs
 import pytest
 import ray
 
-from fct_dist import config
-from fct_dist.storage import Store, open_store
+from fct_dist.storage import open_store
+
+from .support import make_cfg
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
@@ -34,13 +33,6 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def make_cfg(root: str, *overrides: str, endpoint: str | None = None) -> config.Config:
-    sets = [f"storage.root={root}", *overrides]
-    if endpoint:
-        sets.append(f"storage.s3_endpoint={endpoint}")
-    return config.load(None, sets, preset="tiny")
 
 
 @pytest.fixture
@@ -69,13 +61,3 @@ def trained(tmp_path_factory, ray_local):
     store = open_store(cfg.storage)
     report_dir = upgrade.upgrade(cfg, store)
     return cfg, store, report_dir
-
-
-def copy_tree(src: Store, dst: Store, *parts: str) -> None:
-    """Copy a sub-tree of one store into another (e.g. a trained local root into S3)."""
-    dst.fs.create_dir(dst.path(*parts), recursive=True)
-    pafs.copy_files(src.path(*parts), dst.path(*parts), source_filesystem=src.fs, destination_filesystem=dst.fs)
-
-
-def moto_reset(endpoint: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))

@@ -18,48 +18,35 @@ import numpy as np
 import psutil
 import pytest
 
-from fct_dist import lake
 from fct_dist.config import Storage
 from fct_dist.models import registry
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 from fct_dist.train import stages
 
-from .conftest import copy_tree, make_cfg
-from .faultproxy import FaultProxy
-from .test_pipeline import read_output, write_stored
+from .faultproxy import KINDS, FaultProxy
+from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output
 
 ROWS_PER_FILE, FILES = 3000, 40
 
 
 def big_lake(store, meta) -> str:
     directory = store.path("big")
-    write_stored(store, directory, {lake.part_name(i): {"ids": list(range(i * ROWS_PER_FILE, (i + 1) * ROWS_PER_FILE))}
-                                    for i in range(FILES)}, meta)
+    id_lake(store, directory, meta, FILES, ROWS_PER_FILE)
     return directory
 
 
-def processes(title: str, root: psutil.Process | None = None) -> list[psutil.Process]:
-    """Our own descendants whose process title contains `title` (Ray sets ray::<Actor> titles)."""
-    root = root or psutil.Process()
-    out = []
-    for p in root.children(recursive=True):
-        try:
-            if title in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
-def exactly_once(store, out: str, n: int) -> None:
-    ids, _ = read_output(store, out)
-    np.testing.assert_array_equal(ids, np.arange(n))  # sorted, so equality = every id once
+def exactly_once(store, out: str, stored: str) -> None:
+    """Every stored id once in the output, with h(old, side), and a manifest that balances."""
+    ids, emb = read_output(store, out)
+    want_ids, want = expected_backfill(store, "fct", stored)
+    np.testing.assert_array_equal(ids, want_ids)  # sorted, so equality = every id once
+    np.testing.assert_allclose(emb, want, atol=1e-5)
     m = store.manifest(out)["summary"]
-    assert m["rows_in"] == m["rows_out"] == n and m["rows_rejected"] == 0
+    assert m["rows_in"] == m["rows_out"] == len(want_ids) and m["rows_rejected"] == 0
 
 
-def test_killed_ray_data_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, trained, local_cfg):
+def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, trained, local_cfg, caplog):
     cfg = local_cfg("backfill.batch_size=16", "backfill.num_actors=2")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
@@ -70,13 +57,14 @@ def test_killed_ray_data_actor_is_replaced_and_the_backfill_ends_exactly_once(ra
     deadline = time.time() + 120
     while time.time() < deadline and len(store.list(out, ".parquet")) < 2:
         time.sleep(0.1)
-    (victim, *_) = processes("FileMapper")
+    (victim, *_) = processes("RayFileWorker")
     victim.send_signal(signal.SIGKILL)
+    done_at_kill = len(store.list(out, ".parquet"))
     run.join(timeout=300)
     assert "m" in result, "the backfill did not finish after its actor was killed"
-    assert not victim.is_running() and len(store.list(out, ".parquet")) == FILES
-    assert result["m"]["summary"]["files_mapped_this_run"] == FILES  # one run, no manual rerun
-    exactly_once(store, out, FILES * ROWS_PER_FILE)
+    assert 2 <= done_at_kill < FILES, "the kill did not land mid-run"
+    assert not victim.is_running() and "a worker died while mapping" in caplog.text  # its files were retried
+    exactly_once(store, out, cfg.backfill.input)
 
 
 def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path):
@@ -99,6 +87,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path)
             latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
             registered = latest.get("metrics", {}).get("epoch", 0)
         time.sleep(0.1)
+    assert 1 <= registered < 6, f"no checkpoint registered before the kill ({registered})"
     workers = processes("RayTrainWorker", psutil.Process(proc.pid))
     assert workers, "no Ray Train worker found to kill"
     workers[0].send_signal(signal.SIGKILL)
@@ -151,7 +140,7 @@ def test_backfill_index_and_checkpoints_survive_5_percent_s3_faults(ray_local, t
     np.testing.assert_array_equal(i, i_ref)
     meta = stages.train_old(cfg, store, force=True)  # Ray Train checkpoints every epoch to the faulty bucket
     assert [h["epoch"] for h in meta["metrics"]["history"]] == list(range(1, cfg.train.old.epochs + 1))
-    assert proxy.requests > 100 and all(proxy.counts[k] > 0 for k in ("slowdown", "reset", "stall")), proxy.counts
+    assert proxy.requests > 100 and all(proxy.counts[k] > 0 for k in KINDS), proxy.counts
 
 
 def test_permanently_failing_object_stops_the_job_naming_it(ray_local, trained, s3_endpoint):
@@ -214,7 +203,7 @@ def test_denied_output_directory_fails_clearly_and_writes_nothing(trained, tmp_p
         denied.chmod(0o555)
     r = confined(f"{backfill_cmd(root, f'backfill.output={denied}/fct')}; echo rc=$?")
     assert "rc=2" in r.stdout, r.stdout + r.stderr[-3000:]
-    assert f"cannot write {denied}/fct/_run.json" in r.stderr and "Permission denied" in r.stderr, r.stderr[-3000:]
+    assert f"cannot write {denied}/fct/_lease.json" in r.stderr and "Permission denied" in r.stderr, r.stderr[-3000:]
     assert not any(denied.iterdir())
 
 

@@ -1,9 +1,7 @@
-"""extract and backfill end to end on a real local Ray, on a local folder and on a moto S3 endpoint."""
+"""extract and backfill end to end on trained models: through a real local Ray on a local folder and
+on a moto S3 endpoint; bad input, quarantine and a killed driver on the local distributor."""
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,18 +18,7 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import open_store
 
-from .conftest import copy_tree
-
-
-def read_output(store, directory, col="emb"):
-    t = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")
-    return t["id"].to_numpy(), lake.to_numpy(t[col])
-
-
-def h_direct(store, name, old, side):
-    h, _ = registry.load(store, name)
-    with torch.no_grad():
-        return h(torch.from_numpy(old), torch.from_numpy(side)).numpy()
+from .support import copy_tree, expected_backfill, id_lake, kill_session, read_output, write_stored
 
 
 @pytest.fixture
@@ -48,14 +35,14 @@ def stage_store(trained, any_cfg):
 def test_backfill_equals_h_applied_directly(ray_local, stage_store):
     cfg, store = stage_store
     m = backfill.backfill(cfg, store, "fct", "test")
-    stored = lake.read_lake(store, store.path("embeddings", "stored", "test"), {"id": pa.int64()}).sort_by("id")
     ids, emb = read_output(store, store.path("embeddings", "fct", "test"))
-    np.testing.assert_array_equal(ids, stored["id"].to_numpy())
-    expected = h_direct(store, "fct", lake.to_numpy(stored["old"]), lake.to_numpy(stored["side"]))
-    np.testing.assert_allclose(emb, expected, atol=1e-5)
+    want_ids, want = expected_backfill(store, "fct", store.path("embeddings", "stored", "test"))
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(emb, want, atol=1e-5)
     s = m["summary"]
     assert (s["rows_in"], s["rows_out"], s["rows_rejected"]) == (len(ids), len(ids), 0)
-    assert s["files"] == len(m["inputs"]) and s["bytes_out"] > 0 and s["rows_per_second"] > 0
+    assert m["files"] == [p.rsplit("/", 1)[1] for p in store.list(store.path("embeddings", "stored", "test"), ".parquet")]
+    assert s["files"] == len(m["files"]) and s["bytes_out"] > 0 and s["rows_per_second"] > 0
     assert m["producer"]["emb"]["version"] == registry.read_meta(store, "fct")["version"]
 
 
@@ -83,29 +70,6 @@ def test_output_is_readable_without_ray(trained):
     assert out.split() == ["fixed_size_list<element:", "float>[16]", "100", "False"]
 
 
-def test_rerun_of_a_finished_job_writes_nothing(ray_local, trained, capsys):
-    cfg, store, _ = trained
-    out = store.path("embeddings", "fct", "test")
-    before = {p: store.fs.get_file_info(p).mtime for p in store.list(out, ".parquet")}
-    m = backfill.backfill(cfg, store, "fct", "test")
-    assert "is complete and current: nothing to do" in capsys.readouterr().out
-    assert {p: store.fs.get_file_info(p).mtime for p in store.list(out, ".parquet")} == before
-    assert m["summary"]["rows_out"] == m["summary"]["rows_in"]
-
-
-def write_stored(store, directory, files: dict[str, dict], meta: dict) -> None:
-    """Stored-lake files {name: {"ids": [...], "old": array, "side": ..., "drop": columns to leave out}}
-    carrying h's producers."""
-    prod = {"old": {"model": "old", "version": meta["producers"]["old"], "dim": meta["dims"]["old"]},
-            "side": {"model": "side", "version": meta["producers"]["side"], "dim": meta["dims"]["side"]}}
-    rng = np.random.default_rng(0)
-    for name, f in files.items():
-        n = len(f["ids"])
-        vectors = {c: f.get(c, rng.random((n, meta["dims"][c]), np.float32)) for c in ("old", "side")
-                   if c not in f.get("drop", ())}
-        lake.write_part(store, f"{directory}/{name}", lake.embedding_table(np.asarray(f["ids"]), vectors, prod))
-
-
 def bad_lake(store, meta):
     d_old = meta["dims"]["old"]
     nan = np.ones((3, d_old), np.float32)
@@ -124,36 +88,24 @@ def bad_lake(store, meta):
     return directory
 
 
-def test_bad_input_fails_by_default_naming_file_and_id(ray_local, trained, local_cfg):
-    cfg = local_cfg()
-    store = open_store(cfg.storage)
-    copy_tree(trained[1], store, "models")
-    directory = bad_lake(store, registry.read_meta(store, "fct"))
-    cfg.backfill.input = directory
-    with pytest.raises(LakeError, match=r"part-00003.parquet: duplicate ids \[2\] also in an earlier file"):
-        backfill.backfill(cfg, store, "fct")
-    store.delete(f"{directory}/part-00003.parquet")
-    with pytest.raises(Exception) as e:
-        backfill.backfill(cfg, store, "fct")
-    msg = str(e.value)
-    assert any(s in msg for s in ("part-00001.parquet: id 11: NaN/inf in old", "part-00002.parquet: id 21: duplicate id",
-                                  "part-00005.parquet: unreadable"))
-    assert not store.has_manifest(store.path("embeddings", "fct", "test"))
-
-
-def test_quarantine_accounts_for_every_row(ray_local, trained, local_cfg):
-    cfg = local_cfg("backfill.on_bad_input=quarantine")
+def test_quarantine_accounts_for_every_row(trained, local_cfg, caplog):
+    cfg = local_cfg("backfill.on_bad_input=quarantine", "backfill.distributor=local")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
     cfg.backfill.input = bad_lake(store, registry.read_meta(store, "fct"))
-    m = backfill.backfill(cfg, store, "fct")
+    with caplog.at_level("INFO", logger="fct_dist"):
+        m = backfill.backfill(cfg, store, "fct")
     s = m["summary"]
-    assert s["rows_in"] == 3 + 3 + 3 + 2 + 0 + 2  # the truncated file's footer is gone: its rows cannot be counted
+    assert s["rows_in"] == 3 + 3 + 3 + 2 + 0 + 2  # rows of the files whose row count is known
     assert s["rows_rejected"] == 1 + 1 + 1 + 2  # NaN row, repeated id, id 2 again, the all-inf file
     assert s["rows_out"] + s["rows_rejected"] == s["rows_in"]
-    assert s["files_quarantined"] == 1
+    truncated = store.uri(f"{cfg.backfill.input}/part-00005.parquet")
+    assert s["files_quarantined"] == 1 and s["rows_unknown_files"] == [truncated]  # its footer is gone
     (why,) = s["quarantined"].values()
     assert "row count unknown" in why
+    (entry,) = [r for r in m["per_file"] if r["output"] == "part-00005.parquet"]
+    assert entry["rows_in"] is None and entry["rows_rejected"] is None
+    assert "rows of 1 quarantined files unknown" in caplog.text
     ids, _ = read_output(store, store.path("embeddings", "fct", "test"))
     assert sorted(ids) == [0, 1, 2, 10, 12, 20, 21, 30]
     rejected = lake.read_lake(store, store.path("rejected", "fct", "test"), {"id": pa.int64(), "reason": pa.string()})
@@ -166,8 +118,8 @@ def test_quarantine_accounts_for_every_row(ray_local, trained, local_cfg):
     assert "part-00005.parquet" in reason["file"]
 
 
-def test_wrong_dims_or_producer_fail_before_any_work(ray_local, trained, local_cfg):
-    cfg = local_cfg()
+def test_wrong_dims_or_producer_fail_before_any_work(trained, local_cfg):
+    cfg = local_cfg("backfill.distributor=local")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
     meta = registry.read_meta(store, "fct")
@@ -181,18 +133,18 @@ def test_wrong_dims_or_producer_fail_before_any_work(ray_local, trained, local_c
     cfg.backfill.input = store.path("prod")
     with pytest.raises(LakeError, match=r"column 'side' was produced by model version '0123456789abcdef'"):
         backfill.backfill(cfg, store, "fct")
-    assert not store.exists(store.path("embeddings", "fct"))
+    out = store.path("embeddings", "fct", "test")
+    assert not store.list(out, ".parquet") and not store.has_manifest(out)
 
 
 def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
-    """Kill the whole `fct backfill` process midway (its Ray dies with it), rerun: one row per id."""
+    """Kill the whole `fct backfill` process midway (its Ray dies with it), rerun: one row per id,
+    each with h(old, side), and the rerun maps only what was not done."""
     _, src, _ = trained
     root = tmp_path / "root"
     store = open_store(Storage(root=str(root)))
     copy_tree(src, store, "models")
-    meta = registry.read_meta(store, "fct")
-    write_stored(store, store.path("big"), {lake.part_name(i): {"ids": list(range(i * 3000, (i + 1) * 3000))}
-                                            for i in range(40)}, meta)
+    id_lake(store, store.path("big"), registry.read_meta(store, "fct"), files=40, rows_per_file=3000)
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
             "--set", f"backfill.input={store.path('big')}", "--set", "backfill.batch_size=16",
             "--set", "backfill.num_actors=1"]
@@ -201,23 +153,23 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(store.list(out, ".parquet")) < 3:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_session(proc)
     done = len(store.list(out, ".parquet"))
     assert 3 <= done < 40 and not store.has_manifest(out), "the kill did not land midway"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming: {done}" in rerun.stdout or "resuming:" in rerun.stdout
-    ids, _ = read_output(store, out)
-    assert len(ids) == 40 * 3000 and len(np.unique(ids)) == len(ids)
-    np.testing.assert_array_equal(ids, np.arange(40 * 3000))
+    assert f"resuming: {done} of 40 files already done" in rerun.stderr
+    ids, emb = read_output(store, out)
+    want_ids, want = expected_backfill(store, "fct", store.path("big"))
+    np.testing.assert_array_equal(ids, want_ids)  # sorted and equal: every id exactly once
+    np.testing.assert_allclose(emb, want, atol=1e-5)
     m = store.manifest(out)
     assert m["summary"]["rows_in"] == m["summary"]["rows_out"] == 40 * 3000
-    assert json.dumps(m).count("rows_in") == 41  # one per file + the summary
+    assert m["summary"]["files_mapped_this_run"] == 40 - done
 
 
-def test_undecodable_image_is_quarantined_by_id(ray_local, trained, local_cfg):
-    cfg = local_cfg("extract.on_bad_input=quarantine")
+def test_undecodable_image_is_quarantined_by_id(trained, local_cfg):
+    cfg = local_cfg("extract.on_bad_input=quarantine", "extract.distributor=local")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
     src = trained[1]

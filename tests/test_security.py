@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 
 from fct_dist.storage import open_store
 
-from .conftest import copy_tree, make_cfg
+from .support import copy_tree, make_cfg
 from .faultproxy import FaultProxy
 
 

@@ -16,7 +16,7 @@ from fct_dist.models.registry import ArtefactError
 from fct_dist.storage import open_store
 from fct_dist.train import stages
 
-from .conftest import copy_tree
+from .support import copy_tree
 
 
 @pytest.mark.parametrize("name, kind", [("old", "classifier"), ("side", "encoder"), ("new", "classifier"),

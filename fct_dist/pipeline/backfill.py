@@ -1,4 +1,4 @@
-"""`fct backfill`: the stored lake (id, old, side) -> h on the actors' devices -> new lake (id, emb).
+"""`fct backfill`: the stored lake (id, old, side) -> h on the workers' devices -> new lake (id, emb).
 
 No image is read. See filemap.py for the exactly-once design."""
 from __future__ import annotations
@@ -14,10 +14,10 @@ from .. import lake
 from ..config import Columns, Config, digest
 from ..lake import LakeError
 from ..models import registry
-from ..runtime import init_ray
 from ..storage import Store
 from . import filemap
 from .device import place
+from .distribute import run
 
 
 class TransformFn:
@@ -43,36 +43,27 @@ class TransformFn:
         return invalid, reasons, {c.out: out.float().cpu().numpy()}
 
 
-def check_inputs(store: Store, first_file: str, cols: Columns, meta: dict) -> None:
-    """Before any work: the lake's dims (and producers, when recorded) must be what h was trained on."""
-    where, schema = store.uri(first_file), lake.read_schema(store, first_file)
-    lake.check_schema(schema, {cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
-                      where)
-    filemap.check_versions(schema, {cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]}, where)
-    if not lake.producer_of(schema):
-        print(f"[backfill] note: {where} records no producer metadata; only its dims could be checked")
-
-
-def backfill(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> dict:
-    """Apply models/{h_name} to every row of the stored lake; writes embeddings/{h_name}/{split}."""
-    init_ray(cfg)
+def backfill_job(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> filemap.FileJob:
+    """The backfill of the stored lake by models/{h_name} into embeddings/{h_name}/{split}, verified:
+    a tampered or mismatching artefact fails here, before any worker starts."""
     b, cols = cfg.backfill, cfg.backfill.columns
     in_dir = b.input.rstrip("/") if b.input else store.path("embeddings", "stored", split)
     out_dir = b.output.rstrip("/") if b.output else store.path("embeddings", h_name, split)
-    _, meta = registry.load(store, h_name)  # a tampered or mismatching artefact fails here, before any actor starts
+    _, meta = registry.load(store, h_name)
     if meta.get("kind") != "transformation":
         raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
-    inputs = lake.parts(store, in_dir)
-    check_inputs(store, inputs[0], cols, meta)
     producer = {cols.out: {
         "model": h_name, "version": meta["version"], "dim": meta["dims"]["new"],
         "inputs": {"old": meta["producers"]["old"], "side": meta["producers"]["side"]}}}
-    job = filemap.FileJob(
-        store=store, inputs=inputs, out_dir=out_dir, rejected_dir=store.path("rejected", h_name, split),
+    return filemap.FileJob(
+        store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=store.path("rejected", h_name, split),
         expected={cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
         columns=[cols.id, cols.old, cols.side],
         make_fn=functools.partial(TransformFn, store, h_name, cols, b.precision), producer=producer,
         fingerprint=digest(producer, b.precision, cols.__dict__), actors=b, id_col=cols.id, name="backfill",
-        expect_versions={cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]},
-        extra_manifest={"source": store.uri(in_dir)})
-    return filemap.run(job)
+        expect_versions={cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]})
+
+
+def backfill(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> dict:
+    """Apply models/{h_name} to every row of the stored lake; writes embeddings/{h_name}/{split}."""
+    return run(cfg, backfill_job(cfg, store, h_name, split))

@@ -11,10 +11,10 @@ from .. import lake
 from ..config import Config, digest
 from ..lake import LakeError
 from ..models import registry
-from ..runtime import init_ray
 from ..storage import Store
 from . import filemap
 from .device import place
+from .distribute import run
 
 
 class ExtractFn:
@@ -50,22 +50,24 @@ class ExtractFn:
         return invalid, reasons, {c: m(x).float().cpu().numpy() for c, m in self.models.items()}
 
 
-def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> dict:
-    """Embed images/{split} with `models` ({output column: artefact name}) into embeddings/{out_name}/{split}."""
-    init_ray(cfg)
-    image_dir = store.path("images", split)
+def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> filemap.FileJob:
+    """The extraction of images/{split} by `models` ({output column: artefact name}) into
+    embeddings/{out_name}/{split}; the artefacts are verified here, before any worker starts."""
     producer = {}
     for col, name in models.items():
-        _, meta = registry.load(store, name)  # verified here, before any actor starts
+        _, meta = registry.load(store, name)
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
-    job = filemap.FileJob(
-        store=store, inputs=lake.parts(store, image_dir), out_dir=store.path("embeddings", out_name, split),
+    return filemap.FileJob(
+        store=store, in_dir=store.path("images", split), out_dir=store.path("embeddings", out_name, split),
         rejected_dir=store.path("rejected", out_name, split),
         expected={"id": pa.int64(), "image": pa.binary()}, columns=["id", "image"],
         make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision), producer=producer,
-        fingerprint=digest(producer, lake.image_manifest(store, split), cfg.extract.precision),
-        actors=cfg.extract, name="extract", extra_manifest={"source": store.uri(image_dir)})
-    return filemap.run(job)
+        fingerprint=digest(producer, cfg.extract.precision), actors=cfg.extract, name="extract")
+
+
+def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> dict:
+    """Embed images/{split} with `models` ({output column: artefact name}) into embeddings/{out_name}/{split}."""
+    return run(cfg, extract_job(cfg, store, split, models, out_name))
 
 
 def stored(cfg: Config, store: Store, split: str = "test") -> dict:

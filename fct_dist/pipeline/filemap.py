@@ -1,39 +1,56 @@
-"""Map a lake, file by file, through models held by a Ray Data actor pool: exactly once, resumable.
+"""The per-file engine: map a lake, file by file, through a batch function, exactly once.
 
-Design (why per file): every input file `X.parquet` becomes exactly one output file `X.parquet` in the
-output directory, written atomically (tmp + rename on disk, one PUT on S3) once all its rows are done.
-An output file's existence therefore means "this input file is done": a rerun after any crash (worker,
-actor, driver) skips the inputs whose outputs exist and maps the rest, so every input id ends up in
-exactly one output row (or in rejected/). The output's Parquet metadata records rows read and
-rejected, so the final `_manifest.json` (written last, the commit) accounts for every input row
-even across reruns: rows_in = rows_out + rows_rejected. `_run.json` pins the producer fingerprint:
-outputs of a different producer (say a retrained h) are cleared instead of reused.
+Every input file `X.parquet` becomes exactly one output file `X.parquet`, written whole in one step
+(`Store.write_bytes`) once all its rows are done. What makes "exactly once" impossible to fool:
+- **Identity.** The driver lists every input with its version (`Store.list_versions`: the S3 ETag,
+  or mtime + ctime + inode on local disk) and reads its footer before any work (`scan`): size,
+  version and a hash of the footer bytes identify the file; the footer also gives its row count,
+  schema, producer metadata and id range. Each output's footer records the *key* it was made for:
+  a digest of the producer fingerprint (models, versions, settings), its input's identity and the
+  ids it had to leave out as kept in an earlier file. An existing output is adopted only when its
+  key is the one this run would write, so outputs of a changed input, another model version or
+  another lake are never reused, whatever their names; the job key (fingerprint + every input's
+  identity) decides whether a finished lake is current.
+- **One writer.** A lease (`fct_dist.lease`) on the output folder makes a second run fail at once,
+  naming the first; a run that loses its lease stops before committing.
+- **Crash-safe clearing.** Because adoption is by key, outputs of another producer can be deleted
+  in any order and a crash at any point leaves nothing a rerun would keep.
+- **Commit.** `_manifest.json` is written last, after the lease is confirmed and every file that
+  is not part of this run's result (outputs of inputs that are gone, stale rejected rows, temp
+  files of killed writers) is deleted; it lists exactly the committed files, and readers read that
+  list. It refuses to commit unless rows out + rows rejected = rows read for every file whose rows
+  are known; a quarantined file whose footer is unreadable has an unknown row count, and the
+  manifest and the summary say so.
 
-Inside the actor a file is read batch by batch (bounded memory), bad rows are validated out, the
-good ones go through the model on the actor's device; Ray Data schedules files over the pool.
+A worker (`FileWorker`, one per Ray actor or one in-process, see `distribute.py`) maps a file with
+its reads running ahead and its Parquet encoding running behind the batch function, in threads
+(pyarrow and torch release the GIL); ids are validated with numpy, no per-row Python.
 """
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from .. import lake
-from ..config import Actors
+from ..config import Actors, digest
 from ..lake import LakeError
-from ..runtime import gpus_available
-from ..storage import Store, is_storage_fault
+from ..lease import Lease
+from ..storage import Store, StorageError, is_storage_fault
 
-FIELDS = ("input", "output", "rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out", "seconds",
-          "quarantined")
-STATS_KEY = b"fct.stats"
+log = logging.getLogger(__name__)
+KEY = b"fct.key"
+STATS = b"fct.stats"
+ROW_GROUP_ROWS = 65_536  # output rows per Parquet row group
 
 
 class BatchFn(Protocol):
@@ -41,17 +58,21 @@ class BatchFn(Protocol):
         """-> (bad-row mask, reason per bad row, output vectors {column: (n_good, d)} of the good rows)."""
 
 
+class InputChanged(StorageError):
+    """An input file changed while the run was using it: never quarantined, the run stops."""
+
+
 @dataclass
 class FileJob:
     store: Store
-    inputs: list[str]
+    in_dir: str
     out_dir: str
     rejected_dir: str
     expected: dict  # input column -> Arrow type or vector dim
     columns: list[str]  # input columns to read
-    make_fn: Callable[[], BatchFn]  # built once per actor (loads the models onto its device)
+    make_fn: Callable[[], BatchFn]  # built once per worker (loads the models onto its device)
     producer: dict  # output file metadata: what produced each output column
-    fingerprint: str  # what the outputs depend on (producer versions, settings)
+    fingerprint: str  # what the outputs depend on besides their input (producer versions, settings)
     actors: Actors
     id_col: str = "id"
     name: str = "map"
@@ -59,90 +80,76 @@ class FileJob:
     extra_manifest: dict = field(default_factory=dict)
 
 
-class FileMapper:
-    """Ray Data actor: builds the batch function once, then maps whole files."""
+@dataclass(frozen=True)
+class Input:
+    """One input file as the driver found it."""
+    path: str
+    size: int
+    version: str  # changes whenever the file is written again (Store.list_versions)
+    footer: str = ""  # footer hash; "" when the footer is unreadable
+    rows: int | None = None  # from the footer
+    ids: tuple[int, int] | None = None  # (min, max) from footer statistics; None = unknown
+    error: str = ""  # why the file cannot be used (unreadable footer, wrong schema, wrong producer)
 
-    def __init__(self, job: FileJob):
-        self.job = job
-        self.fn = job.make_fn()
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[1]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.map_file(str(p), set(ex)) for p, ex in zip(batch["input"], batch["exclude"])]
-        return {k: np.array([r[k] for r in rows]) for k in FIELDS}
+    def identity(self) -> dict:
+        return {"path": self.path, "size": self.size, "version": self.version, "footer": self.footer}
 
-    def map_file(self, path: str, exclude: set[int]) -> dict:
-        job, t0 = self.job, time.time()
-        where, name = job.store.uri(path), path.rsplit("/", 1)[1]
+
+@dataclass
+class Task:
+    input: Input
+    key: str  # what the output's footer must say for it to count as done
+    exclude: np.ndarray  # sorted ids of this file already kept from an earlier file
+    attempts: int = 0  # workers lost while mapping it
+
+
+def scan(job: FileJob) -> list[Input]:
+    """Every input file's identity, rows and id range from its footer; schema and producers checked.
+    A storage fault stops the job; an unusable file is flagged (`error`) for the bad-input policy."""
+    store = job.store
+    listed = store.list_versions(job.in_dir, ".parquet")
+    if not listed:
+        raise LakeError(f"{store.uri(job.in_dir)}: no Parquet files (empty lake)")
+
+    def one(entry: tuple[str, int, str]) -> Input:
+        base = Input(*entry)
+        where = store.uri(base.path)
         try:
-            outs, rejected, rows_in, seen = [], [], 0, set()
-            with job.store.fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
-                lake.check_schema(pf.schema_arrow, job.expected, where)
-                check_versions(pf.schema_arrow, job.expect_versions, where)
-                bytes_in = f.size()
-                for rb in pf.iter_batches(job.actors.batch_size, columns=job.columns):
-                    rows_in += rb.num_rows
-                    out, rej = self.map_batch(rb, where, seen, exclude)
-                    outs.append(out)
-                    if rej is not None:
-                        rejected.append(rej)
-        except (LakeError, OSError, pa.ArrowException) as e:
-            if is_storage_fault(e):  # the store failed, not the data: never quarantine, always stop
-                raise lake.read_error(e, where) from None
-            if job.actors.on_bad_input == "fail":
-                raise LakeError(str(e) if isinstance(e, LakeError) else f"{where}: unreadable ({e})") from None
-            return self.quarantine_file(path, str(e), t0)
-        n_rej = sum(r.num_rows for r in rejected)
-        if rejected:
-            lake.write_part(job.store, f"{job.rejected_dir}/{name}", pa.concat_tables(rejected))
-        stats = {"input": path, "rows_in": rows_in, "rows_rejected": n_rej, "bytes_in": bytes_in}
-        table = pa.concat_tables(outs) if outs else lake.embedding_table(
-            np.zeros(0), {c: np.zeros((0, p["dim"])) for c, p in job.producer.items()}, job.producer)
-        meta = {lake.META_KEY: json.dumps(job.producer, sort_keys=True), STATS_KEY: json.dumps(stats)}
-        table = table.replace_schema_metadata(meta)
-        assert table.num_rows + n_rej == rows_in, f"{where}: rows lost in mapping"
-        out = f"{job.out_dir}/{name}"
-        nbytes = lake.write_part(job.store, out, table)  # the commit of this file
-        return stats | {"output": out, "rows_out": table.num_rows, "bytes_out": nbytes,
-                        "seconds": time.time() - t0, "quarantined": ""}
-
-    def map_batch(self, rb: pa.RecordBatch, where: str, seen: set, exclude: set) -> tuple[pa.Table, pa.Table | None]:
-        job = self.job
-        ids = rb.column(job.id_col).to_numpy()
-        invalid, reasons, vectors = self.fn(rb)  # vectors: rows that are not invalid
-        reason = np.full(len(ids), "", dtype=object)
-        reason[invalid] = reasons
-        dup = np.zeros(len(ids), bool)
-        for i, x in enumerate(ids.tolist()):  # ids repeated inside the file, or kept in an earlier file
-            if x in seen or x in exclude:
-                dup[i] = True
-                reason[i] = reason[i] or ("duplicate id (kept in an earlier file)" if x in exclude
-                                          else "duplicate id (repeated in this file)")
-            seen.add(x)
-        bad = invalid | dup
-        if bad.any() and job.actors.on_bad_input == "fail":
-            first = int(np.flatnonzero(bad)[0])
-            raise LakeError(f"{where}: id {int(ids[first])}: {reason[first]} ({int(bad.sum())} bad rows in this "
-                            f"batch; set {job.name}.on_bad_input=quarantine to move them to rejected/)")
-        vectors = {k: v[~dup[~invalid]] for k, v in vectors.items()}
-        out = lake.embedding_table(ids[~bad], vectors, job.producer)
-        rej = None
-        if bad.any():
-            rej = pa.Table.from_batches([rb]).filter(pa.array(bad)).append_column(
-                "reason", pa.array(reason[bad].tolist(), pa.string()))
-        return out, rej
-
-    def quarantine_file(self, path: str, reason: str, t0: float) -> dict:
-        job, name = self.job, path.rsplit("/", 1)[1]
-        data = job.store.read_bytes(path) if job.store.exists(path) else b""
-        job.store.write_bytes(f"{job.rejected_dir}/{name}.quarantined", data)
-        job.store.write_json(f"{job.rejected_dir}/{name}.reason.json", {"file": job.store.uri(path), "reason": reason})
+            f = lake.read_footer(store, base.path)
+            schema = f.metadata.schema.to_arrow_schema().with_metadata(f.metadata.metadata or {})
+        except LakeError as e:
+            return Input(**base.__dict__ | {"error": str(e)})
+        found = Input(**base.__dict__ | {"footer": f.sha, "rows": f.metadata.num_rows, "ids": id_range(f, job.id_col)})
         try:
-            rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-        except (pa.ArrowException, OSError):
-            rows, reason = 0, f"{reason} (row count unknown: the footer is unreadable)"
-        return {"input": path, "output": "", "rows_in": rows, "rows_out": 0, "rows_rejected": rows,
-                "bytes_in": len(data), "bytes_out": 0, "seconds": time.time() - t0, "quarantined": reason}
+            lake.check_schema(schema, job.expected, where)
+            check_versions(schema, job.expect_versions, where)
+        except LakeError as e:
+            return Input(**found.__dict__ | {"error": str(e)})
+        return found
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, listed))
+
+
+def id_range(footer: lake.Footer, id_col: str) -> tuple[int, int] | None:
+    """(min, max) id from the row-group statistics; None when a row group has none."""
+    md = footer.metadata
+    col = md.schema.to_arrow_schema().get_field_index(id_col)
+    if col < 0 or md.num_rows == 0:
+        return None if col < 0 else (0, -1)
+    lo = hi = None
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(col).statistics
+        if md.row_group(g).num_rows == 0:
+            continue
+        if st is None or not st.has_min_max:
+            return None
+        lo, hi = (st.min, st.max) if lo is None else (min(lo, st.min), max(hi, st.max))
+    return (lo, hi) if lo is not None else (0, -1)
 
 
 def check_versions(schema: pa.Schema, expect: dict[str, str], where: str) -> None:
@@ -155,137 +162,351 @@ def check_versions(schema: pa.Schema, expect: dict[str, str], where: str) -> Non
                             f"expected {version!r} (the version the transformation was trained on)")
 
 
-def id_ranges(store: Store, paths: list[str], id_col: str) -> list[tuple[str, int, int] | None]:
-    """(path, min id, max id) per file from Parquet footer statistics (no data read)."""
-    def one(p):
-        try:
-            with store.fs.open_input_file(p) as f:
-                md = pq.ParquetFile(f).metadata
-            col = md.schema.to_arrow_schema().get_field_index(id_col)
-            lo = hi = None
-            for g in range(md.num_row_groups):
-                st = md.row_group(g).column(col).statistics
-                if st is None or not st.has_min_max:
-                    return (p, -(2**63), 2**63 - 1)  # no statistics: assume it may overlap anything
-                lo = st.min if lo is None else min(lo, st.min)
-                hi = st.max if hi is None else max(hi, st.max)
-            return None if lo is None else (p, lo, hi)
-        except (OSError, pa.ArrowException):
-            return None  # unreadable: the actor reports it
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, paths))
-
-
-def cross_file_duplicates(store: Store, paths: list[str], id_col: str) -> dict[str, list[int]]:
-    """Ids that also occur in an earlier file (input order), by file. Only files whose id ranges
-    overlap are read, so a lake written in id order costs one footer read per file."""
-    ranges = sorted((r for r in id_ranges(store, paths, id_col) if r), key=lambda r: r[1])
-    order = {p: i for i, p in enumerate(paths)}
+def cross_file_duplicates(store: Store, inputs: list[Input], id_col: str) -> dict[str, np.ndarray]:
+    """Sorted ids of each file that also occur in an earlier file (input order). Only files whose id
+    ranges overlap are read (id column only): a lake written in id order costs no read at all."""
+    usable = [i for i in inputs if not i.error and i.ids != (0, -1)]
+    full = (-(2**63), 2**63 - 1)
+    spans = sorted(((i.ids or full)[0], (i.ids or full)[1], k) for k, i in enumerate(usable))
     groups, cur, hi = [], [], None
-    for r in ranges:
-        if cur and r[1] <= hi:
-            cur.append(r[0])
-            hi = max(hi, r[2])
+    for lo, top, k in spans:
+        if cur and lo <= hi:
+            cur.append(k)
+            hi = max(hi, top)
         else:
-            if len(cur) > 1:
-                groups.append(cur)
-            cur, hi = [r[0]], r[2]
-    if len(cur) > 1:
-        groups.append(cur)
-    out: dict[str, list[int]] = {}
-    for group in groups:
-        seen: set[int] = set()
-        for p in sorted(group, key=order.get):
+            groups.append(cur)
+            cur, hi = [k], top
+    groups.append(cur)
+    out: dict[str, np.ndarray] = {}
+    for group in (g for g in groups if len(g) > 1):
+        seen = np.zeros(0, np.int64)
+        for k in sorted(group):
+            path = usable[k].path
             try:
-                with store.fs.open_input_file(p) as f:
+                with store.fs.open_input_file(path) as f:
                     ids = pq.read_table(f, columns=[id_col])[id_col].to_numpy()
             except (OSError, pa.ArrowException) as e:
-                raise lake.read_error(e, store.uri(p)) from None
-            dup = sorted(set(ids.tolist()) & seen)
-            if dup:
-                out[p] = dup
-            seen.update(ids.tolist())
+                raise lake.read_error(e, store.uri(path)) from None
+            dup = np.intersect1d(ids, seen)
+            if len(dup):
+                out[path] = dup
+            seen = np.union1d(seen, ids)
     return out
 
 
-def _done_stats(store: Store, out: str) -> dict:
-    """Stats of an already committed output file, from its own footer."""
-    with store.fs.open_input_file(out) as f:
-        md = pq.ParquetFile(f).metadata
-        size = f.size()
-    stats = json.loads(md.metadata[STATS_KEY])
-    return stats | {"output": out, "rows_out": md.num_rows, "bytes_out": size, "seconds": 0.0,
-                    "quarantined": ""}
+def prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run `it` ahead in a thread, `depth` items deep; its exceptions surface in the consumer."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for x in it:
+                while not stop.is_set():
+                    try:
+                        q.put((x, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((done, e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is done:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
 
 
-def run(job: FileJob) -> dict:
-    """Map every input file not yet done; then write the manifest that commits the output lake."""
-    store, t0 = job.store, time.time()
-    if not job.inputs:
-        raise LakeError(f"{job.name}: no input files (empty lake)")
-    names = [p.rsplit("/", 1)[1] for p in job.inputs]
-    if store.has_manifest(job.out_dir):
-        m = store.manifest(job.out_dir)
-        if m.get("fingerprint") == job.fingerprint and sorted(m["inputs"]) == sorted(job.inputs):
-            print(f"[{job.name}] {store.uri(job.out_dir)} is complete and current: nothing to do")
-            return m
-    run_marker = f"{job.out_dir}/_run.json"
-    if store.exists(run_marker) and store.read_json(run_marker).get("fingerprint") != job.fingerprint:
-        store.delete(job.out_dir)
-        store.delete(job.rejected_dir)
-    if not store.exists(run_marker):
-        store.write_json(run_marker, {"fingerprint": job.fingerprint, "producer": job.producer})
-    store.delete(f"{job.out_dir}/_manifest.json")
+class OutputWriter:
+    """Parquet encoding of one output file in a background thread, in row groups of ROW_GROUP_ROWS."""
 
-    dups = cross_file_duplicates(store, job.inputs, job.id_col)
-    if dups and job.actors.on_bad_input == "fail":
-        p, ids = next(iter(dups.items()))
-        raise LakeError(f"{store.uri(p)}: duplicate ids {ids[:10]} also in an earlier file "
-                        f"({sum(map(len, dups.values()))} in {len(dups)} files); set {job.name}.on_bad_input="
-                        "quarantine to keep the first occurrence and reject the rest")
-    done = set(store.list(job.out_dir, ".parquet"))
-    todo = [p for p, n in zip(job.inputs, names) if f"{job.out_dir}/{n}" not in done]
-    results = [_done_stats(store, f"{job.out_dir}/{n}") for p, n in zip(job.inputs, names)
-               if f"{job.out_dir}/{n}" in done]
-    if results:
-        print(f"[{job.name}] resuming: {len(results)} of {len(job.inputs)} files already done")
-    if todo:
-        results += _map_with_ray(job, todo, dups)
-    return _commit(job, results, time.time() - t0, len(todo))
+    def __init__(self, schema: pa.Schema, id_col: str):
+        self.sink = pa.BufferOutputStream()
+        self.writer = pq.ParquetWriter(self.sink, schema, **lake.write_options(id_col))
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: list[pa.Table] = []
+        self.futures: list = []
+        self.rows = 0
 
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
+            self._flush()
 
-def _map_with_ray(job: FileJob, todo: list[str], dups: dict[str, list[int]]) -> list[dict]:
-    a = job.actors
-    gpu = gpus_available() and a.gpus_per_actor > 0
-    # a stage's own error (bad input, storage) reaches the caller as itself, not as UserCodeException
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    ds = ray.data.from_items([{"input": p, "exclude": dups.get(p, [])} for p in todo],
-                             override_num_blocks=len(todo))
-    ds = ds.map_batches(FileMapper, fn_constructor_kwargs={"job": job}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=min(a.num_actors, len(todo))),
-                        num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor if gpu else 0)
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in ds.iter_rows()]
+    def _flush(self) -> None:
+        if self.pending:
+            self.futures.append(self.pool.submit(self.writer.write_table, pa.concat_tables(self.pending)))
+            self.pending = []
+        for f in [f for f in self.futures if f.done()]:
+            f.result()
+            self.futures.remove(f)
+        while len(self.futures) > 2:  # bounded memory: at most 2 row groups waiting to be encoded
+            self.futures.pop(0).result()
+
+    def close(self, metadata: dict[bytes, str]) -> pa.Buffer:
+        self._flush()
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
+        self.writer.add_key_value_metadata(metadata)
+        self.writer.close()
+        return self.sink.getvalue()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit(job: FileJob, results: list[dict], wall: float, mapped_files: int) -> dict:
+class FileWorker:
+    """Maps whole files with one batch function. Thread-safe: files in flight share the function,
+    whose calls take turns (one device, one thread pool), while their reads and writes overlap."""
+
+    def __init__(self, job: FileJob):
+        self.job = job
+        self.fn = job.make_fn()
+        self.compute = threading.Lock()
+
+    def map_file(self, task: Task) -> dict:
+        job, inp, t0 = self.job, task.input, time.time()
+        where = job.store.uri(inp.path)
+        try:
+            return self._map(task, where, t0)
+        except StorageError:  # the store failed, or the input changed under us: never quarantined
+            raise
+        except (LakeError, OSError, pa.ArrowException) as e:
+            if is_storage_fault(e):
+                raise lake.read_error(e, where) from None
+            reason = str(e) if isinstance(e, LakeError) else f"{where}: unreadable ({e})"
+            if job.actors.on_bad_input == "fail":
+                raise LakeError(reason) from None
+            return quarantine(job, task, reason, t0)
+
+    def _map(self, task: Task, where: str, t0: float) -> dict:
+        job, inp = self.job, task.input
+        footer = lake.read_footer(job.store, inp.path)
+        if (footer.sha, footer.size) != (inp.footer, inp.size):
+            raise InputChanged(f"{where} changed while this run was using it (size or footer differs from "
+                               "when the run started); rerun")
+        with job.store.fs.open_input_file(inp.path) as f:
+            pf = pq.ParquetFile(f, metadata=footer.metadata)
+            ids_all = pf.read(columns=[job.id_col]).column(0).to_numpy()
+            repeated, kept = lake.duplicate_mask(ids_all, task.exclude)
+            bad_ids = repeated | kept
+            if bad_ids.any() and job.actors.on_bad_input == "fail":
+                first = int(np.flatnonzero(bad_ids)[0])
+                raise LakeError(f"{where}: id {int(ids_all[first])}: duplicate id "
+                                f"({'kept in an earlier file' if kept[first] else 'repeated in this file'}); "
+                                f"set {job.name}.on_bad_input=quarantine to move such rows to rejected/")
+            writer = OutputWriter(self._out_schema(), job.id_col)
+            rejected, rows_in = [], 0
+            try:
+                for rb in prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns)):
+                    sl = slice(rows_in, rows_in + rb.num_rows)
+                    rows_in += rb.num_rows
+                    out, rej = self._map_batch(rb, where, repeated[sl], kept[sl])
+                    writer.add(out)
+                    if rej is not None:
+                        rejected.append(rej)
+            except BaseException:
+                writer.abort()
+                raise
+        n_rej = sum(r.num_rows for r in rejected)
+        if rows_in != inp.rows or writer.rows + n_rej != rows_in:
+            raise RuntimeError(f"{where}: rows do not add up: footer {inp.rows}, read {rows_in}, "
+                               f"written {writer.rows} + rejected {n_rej}")
+        rejected_files = []
+        if rejected:
+            name = inp.name
+            table = pa.concat_tables(rejected).replace_schema_metadata({KEY: task.key})
+            lake.write_part(job.store, f"{job.rejected_dir}/{name}", table)
+            rejected_files.append(name)
+        stats = {"input": inp.identity(), "rows_in": rows_in, "rows_out": writer.rows, "rows_rejected": n_rej,
+                 "bytes_in": inp.size, "quarantined": "", "rejected_files": rejected_files}
+        buf = writer.close({KEY: task.key, STATS: json.dumps(stats)})
+        job.store.write_bytes(f"{job.out_dir}/{inp.name}", buf)  # the commit of this file
+        return stats | {"output": inp.name, "bytes_out": buf.size, "seconds": time.time() - t0}
+
+    def _out_schema(self) -> pa.Schema:
+        job = self.job
+        fields = [pa.field(job.id_col, pa.int64())] + [pa.field(c, pa.list_(pa.float32(), p["dim"]))
+                                                      for c, p in job.producer.items()]
+        return pa.schema(fields, metadata={lake.META_KEY: json.dumps(job.producer, sort_keys=True)})
+
+    def _map_batch(self, rb: pa.RecordBatch, where: str, repeated: np.ndarray,
+                   kept: np.ndarray) -> tuple[pa.Table, pa.Table | None]:
+        job = self.job
+        ids = rb.column(job.id_col).to_numpy()
+        with self.compute:
+            invalid, reasons, vectors = self.fn(rb)  # vectors: rows that are not invalid
+        dup = repeated | kept
+        bad = invalid | dup
+        if invalid.any() and job.actors.on_bad_input == "fail":
+            first = int(np.flatnonzero(invalid)[0])
+            raise LakeError(f"{where}: id {int(ids[first])}: {reasons[0]} ({int(invalid.sum())} bad rows in this "
+                            f"batch; set {job.name}.on_bad_input=quarantine to move them to rejected/)")
+        for c, v in vectors.items():  # a model that does not match its record is a bug, not bad input
+            if v.ndim != 2 or v.shape != (int((~invalid).sum()), job.producer[c]["dim"]):
+                raise RuntimeError(f"{job.name}: the batch function returned {c} of shape {v.shape}; expected "
+                                   f"({int((~invalid).sum())}, {job.producer[c]['dim']})")
+        if dup[~invalid].any():
+            vectors = {k: v[~dup[~invalid]] for k, v in vectors.items()}
+        out = pa.table({job.id_col: pa.array(ids[~bad], pa.int64())} | {k: lake.to_arrow(v) for k, v in vectors.items()})
+        if not bad.any():
+            return out, None
+        reason = np.full(len(ids), "", dtype=object)
+        reason[invalid] = reasons
+        reason[repeated & ~invalid] = "duplicate id (repeated in this file)"
+        reason[kept & ~invalid] = "duplicate id (kept in an earlier file)"
+        rej = pa.Table.from_batches([rb]).filter(pa.array(bad)).append_column(
+            "reason", pa.array(reason[bad].tolist(), pa.string()))
+        return out, rej
+
+
+def quarantine(job: FileJob, task: Task, reason: str, t0: float | None = None) -> dict:
+    """Set a whole input file aside: a copy and the reason under rejected/, and an empty output whose
+    footer says so (so a rerun with the same key does not try it again)."""
+    store, inp = job.store, task.input
+    store.copy(inp.path, f"{job.rejected_dir}/{inp.name}.quarantined")
+    store.write_json(f"{job.rejected_dir}/{inp.name}.reason.json",
+                     {"file": store.uri(inp.path), "reason": reason, "key": task.key, "rows": inp.rows})
+    if inp.rows is None:
+        reason = f"{reason} (row count unknown: the footer is unreadable)"
+    stats = {"input": inp.identity(), "rows_in": inp.rows, "rows_out": 0, "rows_rejected": inp.rows,
+             "bytes_in": inp.size, "quarantined": reason,
+             "rejected_files": [f"{inp.name}.quarantined", f"{inp.name}.reason.json"]}
+    empty = pa.table({job.id_col: pa.array([], pa.int64())} | {
+        c: lake.to_arrow(np.zeros((0, p["dim"]), np.float32)) for c, p in job.producer.items()})
+    meta = {KEY: task.key, STATS: json.dumps(stats), lake.META_KEY: json.dumps(job.producer, sort_keys=True)}
+    nbytes = lake.write_part(job.store, f"{job.out_dir}/{inp.name}", empty.replace_schema_metadata(meta))
+    log.warning("[%s] quarantined %s: %s", job.name, store.uri(inp.path), reason)
+    return stats | {"output": inp.name, "bytes_out": nbytes, "seconds": time.time() - (t0 or time.time())}
+
+
+def output_key(job: FileJob, inp: Input, exclude: np.ndarray) -> str:
+    return digest(job.fingerprint, inp.identity(), digest(exclude.tolist()) if len(exclude) else "")
+
+
+def existing_outputs(job: FileJob) -> dict[str, tuple[str, dict, int]]:
+    """{name: (key, stats, bytes)} of the output files already in the folder, from their footers
+    (a file that is not readable Parquet counts as foreign)."""
     store = job.store
-    results.sort(key=lambda r: r["input"])
-    total = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rows_rejected", "bytes_in", "bytes_out")}
-    quarantined = [r for r in results if r["quarantined"]]
+
+    def one(info):
+        try:
+            f = lake.read_footer(store, info.path)
+        except LakeError:
+            return info.path, ("", {}, info.size)
+        meta = f.metadata.metadata or {}
+        return info.path, (meta.get(KEY, b"").decode(), json.loads(meta.get(STATS, b"{}")), f.size)
+
+    with ThreadPoolExecutor(16) as pool:
+        found = dict(pool.map(one, store.list_info(job.out_dir, ".parquet")))
+    return {p.rsplit("/", 1)[1]: v for p, v in found.items()}
+
+
+def run(job: FileJob, distribute: Callable[[FileJob, list[Task], Lease], tuple[list[dict], float]]) -> dict:
+    """Map every input file not yet done for this job's key; then commit the output lake."""
+    store, t0 = job.store, time.time()
+    with Lease(store, job.out_dir, job.actors.lease_seconds, f"fct {job.name}") as lease:
+        inputs = scan(job)
+        names = [i.name for i in inputs]
+        job_key = digest(job.fingerprint, [i.identity() for i in inputs])
+        if store.has_manifest(job.out_dir) and store.manifest(job.out_dir).get("key") == job_key:
+            log.info("[%s] %s is complete and current: nothing to do", job.name, store.uri(job.out_dir))
+            return store.manifest(job.out_dir)
+        store.delete(f"{job.out_dir}/_manifest.json")  # from here on the folder is not a finished lake
+        bad = [i for i in inputs if i.error]
+        if bad and job.actors.on_bad_input == "fail":
+            raise LakeError(f"{bad[0].error}" + (f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""))
+        dups = cross_file_duplicates(store, inputs, job.id_col)
+        if dups and job.actors.on_bad_input == "fail":
+            p, ids = next(iter(dups.items()))
+            raise LakeError(f"{store.uri(p)}: duplicate ids {ids[:10].tolist()} also in an earlier file "
+                            f"({sum(map(len, dups.values()))} in {len(dups)} files); set {job.name}.on_bad_input="
+                            "quarantine to keep the first occurrence and reject the rest")
+        tasks = [Task(i, output_key(job, i, dups.get(i.path, np.zeros(0, np.int64))),
+                      dups.get(i.path, np.zeros(0, np.int64))) for i in inputs]
+        existing = existing_outputs(job)
+        done = {t.input.name: existing[t.input.name] for t in tasks
+                if t.input.name in existing and existing[t.input.name][0] == t.key}
+        foreign = sorted(set(existing) - set(done))
+        for name in foreign:  # another producer's, another input's, or unreadable: never adopted
+            store.delete(f"{job.out_dir}/{name}")
+        if foreign:
+            log.info("[%s] cleared %d output files made for other inputs or another producer", job.name, len(foreign))
+        results = [stats | {"output": name, "bytes_out": size, "seconds": 0.0} for name, (_, stats, size) in done.items()]
+        if results:
+            log.info("[%s] resuming: %d of %d files already done", job.name, len(results), len(inputs))
+        todo = [t for t in tasks if t.input.name not in done]
+        for t in [t for t in todo if t.input.error]:  # quarantine policy: unusable files never reach a worker
+            results.append(quarantine(job, t, t.input.error))
+        todo = [t for t in todo if not t.input.error]
+        t_map, startup = time.time(), 0.0
+        if todo:
+            mapped, startup = distribute(job, todo, lease)
+            results += mapped
+        timing = {"startup_seconds": startup, "map_seconds": time.time() - t_map - startup}
+        check_unchanged(job, inputs)
+        return commit(job, lease, results, sorted(names), job_key, timing | {
+            "driver_seconds": t_map - t0, "files_mapped_this_run": len(todo)})
+
+
+def check_unchanged(job: FileJob, inputs: list[Input]) -> None:
+    """Every input is still the version the run started from (one listing): else nothing is committed."""
+    now = {p: (size, version) for p, size, version in job.store.list_versions(job.in_dir, ".parquet")}
+    for i in inputs:
+        if now.get(i.path) != (i.size, i.version):
+            raise InputChanged(f"{job.store.uri(i.path)} changed or disappeared while this run was using it; "
+                               "nothing was committed: rerun")
+
+
+def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], job_key: str, timing: dict) -> dict:
+    """Delete what is not part of the result, confirm the lease, write the manifest."""
+    store, t0 = job.store, time.time()
+    results.sort(key=lambda r: r["output"])
+    if [r["output"] for r in results] != names:
+        raise RuntimeError(f"{job.name}: results for {len(results)} files, expected {len(names)}")
+    keep = {job.out_dir: set(names), job.rejected_dir: {f for r in results for f in r["rejected_files"]}}
+    for folder, wanted in keep.items():
+        for info in store.list_info(folder, hidden=True):
+            if info.base_name not in wanted and not info.base_name.startswith("_"):
+                store.delete(info.path)  # outputs of inputs that are gone, stale rejected rows, temp files
+    unknown = [r for r in results if r["rows_in"] is None]
+    known = [r for r in results if r["rows_in"] is not None]
+    total = {k: sum(r[k] for r in known) for k in ("rows_in", "rows_out", "rows_rejected")}
+    total |= {k: sum(r[k] for r in results) for k in ("bytes_in", "bytes_out")}
     if total["rows_out"] + total["rows_rejected"] != total["rows_in"]:
-        raise LakeError(f"{job.name}: rows do not add up: out {total['rows_out']} + rejected "
-                        f"{total['rows_rejected']} != read {total['rows_in']}; not committing")
-    mapped = sum(r["rows_in"] for r in results if r["seconds"] > 0)
-    summary = total | {"files": len(results), "files_mapped_this_run": mapped_files,
-                       "files_quarantined": len(quarantined),
-                       "quarantined": {store.uri(r["input"]): r["quarantined"] for r in quarantined}, "wall_seconds": round(wall, 2),
-                       "rows_per_second": round(mapped / wall, 1) if wall > 0 else None}
-    manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint, "producer": job.producer,
-                "inputs": sorted(job.inputs), "files": results, "rows": total["rows_out"], "summary": summary,
-                "rejected_dir": store.uri(job.rejected_dir) if total["rows_rejected"] else None} | job.extra_manifest
+        raise RuntimeError(f"{job.name}: rows do not add up: out {total['rows_out']} + rejected "
+                           f"{total['rows_rejected']} != read {total['rows_in']}; not committing")
+    quarantined = {store.uri(r["input"]["path"]): r["quarantined"] for r in results if r["quarantined"]}
+    mapped_rows = sum(r["rows_in"] or 0 for r in results if r["seconds"] > 0)
+    summary = total | {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()} | {
+        "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined,
+        "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
+        "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
+    manifest = {"kind": "embeddings", "stage": job.name, "key": job_key, "fingerprint": job.fingerprint,
+                "producer": job.producer, "source": store.uri(job.in_dir), "files": names,
+                "per_file": results, "rows": total["rows_out"], "summary": summary,
+                "rejected_dir": store.uri(job.rejected_dir) if total["rows_rejected"] or unknown else None
+                } | job.extra_manifest
+    lease.renew()  # fencing: a run whose lease was taken over never commits
+    summary["commit_seconds"] = round(time.time() - t0, 3)
     store.write_manifest(job.out_dir, manifest)
-    print(f"[{job.name}] {summary['rows_in']} rows read, {summary['rows_out']} written, "
-          f"{summary['rows_rejected']} rejected, {summary['bytes_in'] / 1e6:.1f} MB in, "
-          f"{summary['bytes_out'] / 1e6:.1f} MB out, {wall:.1f} s, {summary['rows_per_second']} rows/s "
-          f"-> {store.uri(job.out_dir)}")
+    unknown_note = f", rows of {len(unknown)} quarantined files unknown" if unknown else ""
+    log.info("[%s] %s rows read, %s written, %s rejected%s, %d files (%d mapped now), %.1f MB in, %.1f MB out, "
+             "%s rows/s -> %s", job.name, total["rows_in"], total["rows_out"], total["rows_rejected"], unknown_note,
+             len(results), timing["files_mapped_this_run"], total["bytes_in"] / 1e6, total["bytes_out"] / 1e6,
+             summary["rows_per_second"], store.uri(job.out_dir))
     return manifest

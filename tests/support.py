@@ -1,0 +1,140 @@
+"""Helpers shared by the tests, the bad-input table and `make chaos`: configs, copies between
+stores, stored lakes written by hand, outputs read back, h applied in plain torch, our processes."""
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from fct_dist import config, lake
+from fct_dist.models import registry
+from fct_dist.storage import Store
+
+
+def make_cfg(root: str, *overrides: str, endpoint: str | None = None) -> config.Config:
+    sets = [f"storage.root={root}", *overrides]
+    if endpoint:
+        sets.append(f"storage.s3_endpoint={endpoint}")
+    return config.load(None, sets, preset="tiny")
+
+
+def copy_tree(src: Store, dst: Store, *parts: str) -> None:
+    """Copy a sub-tree of one store into another (e.g. a trained local root into S3)."""
+    dst.fs.create_dir(dst.path(*parts), recursive=True)
+    pafs.copy_files(src.path(*parts), dst.path(*parts), source_filesystem=src.fs, destination_filesystem=dst.fs)
+
+
+def moto_reset(endpoint: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
+
+
+def producers(meta: dict, version: str | None = None) -> dict:
+    """The `fct` metadata of a stored lake made for the transformation `meta` (or by `version`)."""
+    return {c: {"model": c, "version": version or meta["producers"][c], "dim": meta["dims"][c]} for c in ("old", "side")}
+
+
+def write_stored(store: Store, directory: str, files: dict[str, dict], meta: dict, seed: int = 0) -> None:
+    """Stored-lake files {name: {"ids": [...], "old": array, "side": ..., "drop": columns to leave out}}
+    carrying h's producers (random vectors where none are given)."""
+    rng = np.random.default_rng(seed)
+    for name, f in files.items():
+        n = len(f["ids"])
+        vectors = {c: f.get(c, rng.random((n, meta["dims"][c]), np.float32)) for c in ("old", "side")
+                   if c not in f.get("drop", ())}
+        lake.write_part(store, f"{directory}/{name}", lake.embedding_table(np.asarray(f["ids"]), vectors, producers(meta)))
+
+
+def id_lake(store: Store, directory: str, meta: dict, files: int, rows_per_file: int, seed: int = 0,
+            first_id: int = 0) -> None:
+    """A stored lake of `files` files holding ids first_id.. in order."""
+    write_stored(store, directory, {lake.part_name(i): {"ids": list(range(first_id + i * rows_per_file,
+                                                                           first_id + (i + 1) * rows_per_file))}
+                                    for i in range(files)}, meta, seed)
+
+
+def read_output(store: Store, directory: str, col: str = "emb") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a finished lake, sorted by id (read_lake also refuses an id written twice)."""
+    t = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")
+    return t["id"].to_numpy(), lake.to_numpy(t[col])
+
+
+def all_ids(store: Store, directory: str) -> np.ndarray:
+    """Every id in every Parquet file of a folder, duplicates included (plain pyarrow, no checks)."""
+    return np.concatenate([pq.read_table(p, columns=["id"], filesystem=store.fs)["id"].to_numpy()
+                           for p in store.list(directory, ".parquet")] or [np.zeros(0, np.int64)])
+
+
+def h_direct(store: Store, name: str, old: np.ndarray, side: np.ndarray) -> np.ndarray:
+    """The transformation applied in plain torch."""
+    h, _ = registry.load(store, name)
+    with torch.no_grad():
+        return h(torch.from_numpy(np.array(old)), torch.from_numpy(np.array(side))).numpy()
+
+
+def expected_backfill(store: Store, h_name: str, stored_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, h(old, side)) of every row of a stored lake, sorted by id."""
+    t = lake.read_lake(store, stored_dir, {"id": pa.int64()}).sort_by("id")
+    return t["id"].to_numpy(), h_direct(store, h_name, lake.to_numpy(t["old"]), lake.to_numpy(t["side"]))
+
+
+def processes(title: str, root: psutil.Process | None = None) -> list[psutil.Process]:
+    """Our own descendants whose command line contains `title` (Ray sets ray::<Actor> titles)."""
+    root = root or psutil.Process()
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+TINY_DIMS = {"old": 8, "side": 8, "new": 16}
+
+
+def tiny_transformations(store: Store, names: tuple[str, ...] = ("fct", "fct-b")) -> dict:
+    """Random-weight transformations of the tiny preset's dims, one per name (different weights, so
+    their outputs differ); all trained, as it were, on stored vectors of versions v-old / v-side.
+    Returns the first one's meta."""
+    from fct_dist.models import Transformation
+    arch = {"old_dim": 8, "side_dim": 8, "new_dim": 16, "branch": 16, "hidden": 32, "use_side": True}
+    for k, name in enumerate(names):
+        torch.manual_seed(k)
+        registry.save(store, name, Transformation(**arch), {
+            "kind": "transformation", "arch": arch, "dims": TINY_DIMS, "metrics": {}, "fingerprint": "test",
+            "producers": {"old": "v-old", "side": "v-side"}})
+    return registry.read_meta(store, names[0])
+
+
+def kill_session(proc, seconds: float = 60) -> None:
+    """SIGKILL a process started with start_new_session=True and everything in its session, and wait
+    until none of them is left (a dying Ray worker can otherwise still finish a write)."""
+    import os
+    import signal
+    import time
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        left = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == proc.pid:
+                    left.append(p)
+            except (OSError, psutil.Error):
+                pass
+        if not left:
+            return
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    raise TimeoutError(f"processes of session {proc.pid} still alive after {seconds} s")

@@ -1,0 +1,314 @@
+"""The per-file engine's promises: outputs adopted only for the input and producer they came from,
+one writer per output folder, crash-safe clearing, storage faults that stop the job, honest row
+accounting, bounded retries of a poison file. Most run on the local distributor; those about lost
+workers run on Ray."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from fct_dist import lake
+from fct_dist.lake import LakeError
+from fct_dist.lease import LEASE, Lease, LeaseHeld, LeaseLost
+from fct_dist.pipeline import backfill, distribute
+from fct_dist.storage import Conflict, StorageError, open_store
+
+from .faultproxy import FaultProxy
+from .support import expected_backfill, kill_session, id_lake, make_cfg, read_output, tiny_transformations, write_stored
+
+LOCAL = ("backfill.distributor=local",)
+
+
+@pytest.fixture
+def engine(any_cfg):
+    """(cfg, store, meta): random-weight transformations fct and fct-b, backfill.input = in/."""
+    cfg = any_cfg(*LOCAL)
+    store = open_store(cfg.storage)
+    meta = tiny_transformations(store)
+    cfg.backfill.input = store.path("in")
+    return cfg, store, meta
+
+
+def out_dir(store):
+    return store.path("embeddings", "fct", "test")
+
+
+def assert_backfilled(store, h_name: str, stored: str, out: str) -> None:
+    """The output holds every stored id once, with h(old, side) as its vector."""
+    ids, emb = read_output(store, out)
+    want_ids, want = expected_backfill(store, h_name, stored)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(emb, want, atol=1e-5)
+
+
+def test_a_lake_regenerated_under_the_same_names_is_mapped_again(engine):
+    cfg, store, meta = engine
+    id_lake(store, cfg.backfill.input, meta, files=3, rows_per_file=50)
+    backfill.backfill(cfg, store)
+    store.delete(cfg.backfill.input)  # other ids under the same names, and one file fewer
+    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=50, seed=1, first_id=1000)
+    m = backfill.backfill(cfg, store)
+    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+    assert m["files"] == ["part-00000.parquet", "part-00001.parquet"] == [
+        p.rsplit("/", 1)[1] for p in store.list(out_dir(store), ".parquet")]  # the gone input's output is gone
+    assert m["summary"]["files_mapped_this_run"] == 2
+    # the same ids and sizes, other vectors: size and names alone cannot tell, the footer and mtime can
+    before = store.fs.get_file_info(f"{cfg.backfill.input}/part-00001.parquet").size
+    write_stored(store, cfg.backfill.input, {"part-00001.parquet": {"ids": list(range(1050, 1100))}}, meta, seed=7)
+    assert store.fs.get_file_info(f"{cfg.backfill.input}/part-00001.parquet").size == before
+    m = backfill.backfill(cfg, store)
+    assert m["summary"]["files_mapped_this_run"] == 1
+    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+
+
+def test_outputs_of_another_model_version_are_replaced(engine):
+    cfg, store, meta = engine
+    id_lake(store, cfg.backfill.input, meta, files=3, rows_per_file=20)
+    cfg.backfill.output = out_dir(store)
+    backfill.backfill(cfg, store, "fct-b")
+    m = backfill.backfill(cfg, store, "fct")
+    assert m["summary"]["files_mapped_this_run"] == 3
+    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+    assert {lake.producer_of(lake.read_schema(store, p))["emb"]["model"] for p in lake.parts(store, out_dir(store))} == {"fct"}
+
+
+def test_rerun_of_a_finished_job_writes_nothing(engine, caplog):
+    cfg, store, meta = engine
+    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=20)
+    backfill.backfill(cfg, store)
+    before = {i.path: i.mtime_ns for i in store.list_info(out_dir(store), hidden=True)}
+    with caplog.at_level("INFO", logger="fct_dist"):
+        backfill.backfill(cfg, store)
+    assert "is complete and current: nothing to do" in caplog.text
+    assert {i.path: i.mtime_ns for i in store.list_info(out_dir(store), hidden=True)} == before
+
+
+def cli(root, *sets: str, endpoint: str | None = None) -> list[str]:
+    args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
+            *(x for s in (*LOCAL, *sets) for x in ("--set", s))]
+    return args + (["--set", f"storage.s3_endpoint={endpoint}"] if endpoint else [])
+
+
+def test_a_second_run_on_the_same_output_fails_fast_naming_the_first(local_cfg):
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    meta = tiny_transformations(store)
+    id_lake(store, store.path("in"), meta, files=30, rows_per_file=2000)
+    common = (f"backfill.input={store.path('in')}", f"backfill.output={out_dir(store)}", "backfill.batch_size=16")
+    first = subprocess.Popen(cli(cfg.storage.root, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not store.list(out_dir(store), ".parquet"):
+        time.sleep(0.05)
+    assert first.poll() is None and store.list(out_dir(store), ".parquet"), "the first run is not mapping yet"
+    t0 = time.time()
+    second = subprocess.run(cli(cfg.storage.root, *common) + ["--model", "fct-b"], capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 2 and time.time() - t0 < 30, second.stderr[-2000:]
+    assert f"is being written by another run: pid {first.pid} on" in second.stderr, second.stderr[-2000:]
+    assert first.poll() is None, "the first run must still be running when the second one gave up"
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))
+    again = subprocess.run(cli(cfg.storage.root, *common) + ["--model", "fct-b"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_backfilled(store, "fct-b", store.path("in"), out_dir(store))
+    assert not store.exists(f"{out_dir(store)}/{LEASE}")
+
+
+def holder(**kw) -> bytes:
+    rec = {"token": "t", "host": "elsewhere", "pid": 1, "pid_started": 0.0, "command": "fct backfill",
+           "started": time.time(), "heartbeat": time.time(), "ttl": 30.0} | kw
+    return json.dumps(rec).encode()
+
+
+def test_a_live_lease_is_refused_and_a_stale_one_taken_over(any_cfg):
+    store = open_store(any_cfg().storage)
+    folder, path = store.path("out"), store.path("out", LEASE)
+    store.write_if(path, holder(), None)
+    with pytest.raises(LeaseHeld, match=r"is being written by another run: pid 1 on elsewhere \(fct backfill"):
+        Lease(store, folder, 30).acquire()
+    _, v = store.read_versioned(path)
+    store.write_if(path, holder(heartbeat=time.time() - 60), v)  # stopped heartbeating 60 s ago, ttl 30
+    lease = Lease(store, folder, 30).acquire()
+    assert json.loads(store.read_versioned(path)[0])["token"] == lease.record["token"]
+    lease.release()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a holder on this host whose process ended
+    started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    store.write_if(path, holder(host=socket.gethostname(), pid=gone.pid, pid_started=started), None)
+    Lease(store, folder, 30).acquire().release()
+    assert store.read_versioned(path) == (None, None)
+
+
+def test_conditional_writes_let_one_of_two_writers_win(any_cfg):
+    store = open_store(any_cfg().storage)
+    path = store.path("x", "obj.json")
+    v0 = store.write_if(path, b"a", None)
+    with pytest.raises(Conflict):
+        store.write_if(path, b"b", None)
+    v1 = store.write_if(path, b"c", v0)
+    with pytest.raises(Conflict):  # a second writer that read v0 too
+        store.write_if(path, b"d", v0)
+    assert store.read_versioned(path) == (b"c", v1)
+
+
+def test_a_run_whose_lease_is_taken_over_does_not_commit(engine):
+    cfg, store, meta = engine
+    id_lake(store, cfg.backfill.input, meta, files=20, rows_per_file=2000)
+    cfg.backfill.batch_size, cfg.backfill.lease_seconds, errors = 16, 2.0, []  # a heartbeat every 0.5 s
+    run = threading.Thread(target=lambda: errors.append(pytest.raises(LeaseLost, backfill.backfill, cfg, store)))
+    run.start()
+    path, deadline = f"{out_dir(store)}/{LEASE}", time.time() + 60
+    while time.time() < deadline and not store.list(out_dir(store), ".parquet"):
+        time.sleep(0.05)
+    data, version = store.read_versioned(path)
+    store.write_if(path, holder(), version)  # what a run that judged it stale would do
+    run.join(timeout=300)
+    assert errors and "lease was taken over by pid 1 on elsewhere" in str(errors[0].value)
+    assert len(store.list(out_dir(store), ".parquet")) < 20 and not store.has_manifest(out_dir(store))
+
+
+def foreign_files(store, out: str, model: str) -> int:
+    return sum(lake.producer_of(lake.read_schema(store, p)).get("emb", {}).get("model") == model
+               for p in store.list(out, ".parquet"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_kill_during_the_clear_never_leaves_a_file_of_another_producer(where, local_cfg, s3_cfg, s3_endpoint):
+    """Outputs of fct-b fill the folder; `fct backfill --model fct` clears them with every delete slowed
+    down (strace on local disk, the proxy on S3), is SIGKILLed mid-clear, then rerun."""
+    if where == "local" and not shutil.which("strace"):
+        pytest.skip("strace is needed to slow the deletes down on local disk")
+    cfg = (local_cfg if where == "local" else s3_cfg)(*LOCAL)
+    store = open_store(cfg.storage)
+    meta = tiny_transformations(store)
+    files = 12
+    id_lake(store, store.path("in"), meta, files=files, rows_per_file=10)
+    cfg.backfill.input, cfg.backfill.output = store.path("in"), out_dir(store)
+    backfill.backfill(cfg, store, "fct-b")
+    common = (f"backfill.input={store.path('in')}", f"backfill.output={out_dir(store)}")
+    proxy = None
+    if where == "local":
+        args = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlink,unlinkat",
+                "-e", "inject=unlink,unlinkat:delay_enter=300000", *cli(cfg.storage.root, *common)]
+    else:
+        proxy = FaultProxy(s3_endpoint, fraction=0.0, delay=r"^DELETE ", delay_seconds=0.3).start()
+        args = cli(cfg.storage.root, *common, endpoint=proxy.url)
+    try:
+        proc = subprocess.Popen(args + ["--model", "fct"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline, left = time.time() + 120, files
+        while time.time() < deadline and left == files:
+            left = len(store.list(out_dir(store), ".parquet"))
+            time.sleep(0.02)
+        kill_session(proc)
+    finally:
+        if proxy:
+            proxy.stop()
+    remaining = foreign_files(store, out_dir(store), "fct-b")
+    assert 0 < remaining < files, f"the kill did not land mid-clear ({remaining} of {files} left)"
+    assert not store.has_manifest(out_dir(store))
+    rerun = subprocess.run(cli(cfg.storage.root, *common, endpoint=s3_endpoint if where == "s3" else None)
+                           + ["--model", "fct"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert foreign_files(store, out_dir(store), "fct-b") == 0
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))
+
+
+def test_a_storage_fault_in_the_footer_scan_stops_the_job(s3_cfg, s3_endpoint):
+    """The second file holds an id of the first; its footer cannot be read at first. Skipping it
+    would skip the duplicate check: the job must stop instead, naming the file."""
+    direct = open_store(s3_cfg().storage)
+    meta = tiny_transformations(direct)
+    write_stored(direct, direct.path("in"), {"part-00000.parquet": {"ids": [1, 2, 3]},
+                                             "part-00001.parquet": {"ids": [3, 4]}}, meta)
+    proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"in/part-00001\.parquet", fail_first=1).start()
+    try:
+        cfg = make_cfg(f"s3://{direct.root}", *LOCAL, "storage.s3_max_attempts=1", endpoint=proxy.url)
+        cfg.backfill.input = direct.path("in")
+        with pytest.raises(StorageError, match=r"cannot read s3://.*/in/part-00001\.parquet"):
+            backfill.backfill(cfg, open_store(cfg.storage))
+        assert proxy.counts["fail"] == 1
+    finally:
+        proxy.stop()
+    assert not direct.has_manifest(out_dir(direct))
+
+
+BUGGY = """
+import sys, numpy as np
+from fct_dist import config, lake
+from fct_dist.storage import open_store
+from fct_dist.pipeline import backfill, distribute
+class DropsARow:  # a batch function with a bug: one vector fewer than good rows
+    def __call__(self, rb):
+        return np.zeros(rb.num_rows, bool), [], {"emb": np.zeros((rb.num_rows - 1, 16), np.float32)}
+cfg = config.load(None, [f"storage.root={sys.argv[1]}", "backfill.distributor=local"], preset="tiny")
+store = open_store(cfg.storage)
+cfg.backfill.input = store.path("in")
+job = backfill.backfill_job(cfg, store)
+job.make_fn = DropsARow
+distribute.run(cfg, job)
+"""
+
+
+def test_the_row_check_holds_under_python_O(local_cfg):
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    id_lake(store, store.path("in"), tiny_transformations(store), files=1, rows_per_file=10)
+    r = subprocess.run([sys.executable, "-O", "-c", BUGGY, cfg.storage.root], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "RuntimeError: backfill: the batch function returned emb of shape (9, 16)" in r.stderr, \
+        r.stderr[-2000:]
+    assert not store.has_manifest(out_dir(store))
+
+
+class KillsItsWorker:
+    """The transformation, except that a batch holding `poison` kills the process (as an OOM kill
+    or a crashing decoder would)."""
+
+    def __init__(self, poison: int, fn):
+        self.poison, self.fn = poison, fn()
+
+    def __call__(self, rb):
+        if self.poison in rb.column("id").to_numpy():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.fn(rb)
+
+
+@pytest.mark.parametrize("policy", ["quarantine", "fail"])
+def test_a_poison_file_is_retried_a_bounded_number_of_times(ray_local, local_cfg, policy):
+    cfg = local_cfg("backfill.distributor=ray", "backfill.num_actors=2", "backfill.max_attempts=2",
+                    f"backfill.on_bad_input={policy}")
+    store = open_store(cfg.storage)
+    meta = tiny_transformations(store)
+    id_lake(store, store.path("in"), meta, files=4, rows_per_file=25)
+    cfg.backfill.input = store.path("in")
+    job = backfill.backfill_job(cfg, store)
+    job = dataclasses.replace(job, make_fn=functools.partial(KillsItsWorker, 60, job.make_fn))  # 60: part-00002
+    if policy == "fail":
+        with pytest.raises(LakeError, match=r"in/part-00002\.parquet: killed its worker 2 times"):
+            distribute.run(cfg, job)
+        assert not store.has_manifest(out_dir(store))
+        return
+    m = distribute.run(cfg, job)
+    s = m["summary"]
+    assert s["files_quarantined"] == 1 and "killed its worker 2 times" in s["quarantined"][store.uri(store.path("in", "part-00002.parquet"))]
+    assert (s["rows_in"], s["rows_out"], s["rows_rejected"]) == (100, 75, 25)
+    ids, emb = read_output(store, out_dir(store))
+    want_ids, want = expected_backfill(store, "fct", store.path("in"))
+    keep = (want_ids < 50) | (want_ids >= 75)
+    np.testing.assert_array_equal(ids, want_ids[keep])
+    np.testing.assert_allclose(emb, want[keep], atol=1e-5)
+    assert store.exists(store.path("rejected", "fct", "test", "part-00002.parquet.quarantined"))
