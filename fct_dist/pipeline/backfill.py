@@ -37,9 +37,10 @@ class TransformFn:
         invalid = null | ~ok_old | ~ok_side
         reasons = ["null vector" if n else f"NaN/inf in {c.old if not o else c.side}"
                    for n, o in zip(null[invalid], ok_old[invalid])]
-        keep = ~invalid
+        if invalid.any():  # boolean indexing copies: only when some rows must go
+            old, side = old[~invalid], side[~invalid]
         to = functools.partial(torch.as_tensor, device=self.device, dtype=self.dtype)
-        out = self.h(to(old[keep]), to(side[keep])) if keep.any() else torch.zeros(0, self.new_dim)
+        out = self.h(to(old), to(side)) if len(old) else torch.zeros(0, self.new_dim)
         return invalid, reasons, {c.out: out.float().cpu().numpy()}
 
 

@@ -28,6 +28,7 @@ its reads running ahead and its Parquet encoding running behind the batch functi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -194,39 +195,48 @@ def cross_file_duplicates(store: Store, inputs: list[Input], id_col: str) -> dic
     return out
 
 
-def prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run `it` ahead in a thread, `depth` items deep; its exceptions surface in the consumer."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
+class Prefetch:
+    """Iterate `it` ahead in a thread, `depth` items deep; its exceptions surface in the consumer.
+    `close()` stops and joins the thread, so the file it reads can be closed safely afterwards."""
 
-    def run() -> None:
+    _END = object()
+
+    def __init__(self, it: Iterator, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self.thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it: Iterator) -> None:
         try:
             for x in it:
-                while not stop.is_set():
-                    try:
-                        q.put((x, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put((x, None)):
                     return
-            q.put((done, None))
+            self._put((self._END, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((done, e))
+            self._put((self._END, e))
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
+    def __iter__(self) -> Iterator:
         while True:
-            x, err = q.get()
-            if x is done:
+            x, err = self.q.get()
+            if x is self._END:
                 if err is not None:
                     raise err
                 return
             yield x
-    finally:
-        stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class OutputWriter:
@@ -312,13 +322,14 @@ class FileWorker:
             writer = OutputWriter(self._out_schema(), job.id_col)
             rejected, rows_in = [], 0
             try:
-                for rb in prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns)):
-                    sl = slice(rows_in, rows_in + rb.num_rows)
-                    rows_in += rb.num_rows
-                    out, rej = self._map_batch(rb, where, repeated[sl], kept[sl])
-                    writer.add(out)
-                    if rej is not None:
-                        rejected.append(rej)
+                with contextlib.closing(Prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns))) as batches:
+                    for rb in batches:
+                        sl = slice(rows_in, rows_in + rb.num_rows)
+                        rows_in += rb.num_rows
+                        out, rej = self._map_batch(rb, where, repeated[sl], kept[sl])
+                        writer.add(out)
+                        if rej is not None:
+                            rejected.append(rej)
             except BaseException:
                 writer.abort()
                 raise
