@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of fct-dist on one GPU node: every training stage with Ray Train on CUDA (NCCL, bf16
-# autocast), extract + backfill with GPU actors (fp32 and bf16, checked against h on the CPU), and
-# the backfill benchmark on the GPU. Usage: cluster/gpu-check.sh OUTDIR  (the package importable)
+# autocast), extract + backfill with GPU actors (checked against h on the CPU), and `fct bench` on the
+# GPU: both profiles on both distributors, the I/O path, h's compute-only rate, and the production
+# backfill with 1, 2, 4 and 8 actors sharing each GPU (rows/s per GPU).
+# Usage: cluster/gpu-check.sh OUTDIR  (the package importable)
 set -euo pipefail
 out=${1:?usage: cluster/gpu-check.sh OUTDIR}
 root=$(mktemp -d)/root
+gpus=$(nvidia-smi -L | wc -l)
+# every GPU actor pool fits the node: two actors share each GPU
 fct() { python3 -m fct_dist.cli "$@" --preset tiny --set storage.root="$root" --set train.num_workers=1 \
-          --set extract.gpus_per_actor=0.5 --set backfill.gpus_per_actor=0.5; }
+          --set extract.num_actors=$((2 * gpus)) --set extract.gpus_per_actor=0.5 \
+          --set backfill.num_actors=$((2 * gpus)) --set backfill.gpus_per_actor=0.5; }
 nvidia-smi -L
 python3 -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__)"
 fct data
@@ -33,8 +38,9 @@ assert out.num_rows == src.num_rows and err < 1e-3
 for name in ("old", "new", "bct", "fct"):
     print(name, {k: v for k, v in registry.read_meta(store, name)["metrics"].items() if k != "history"})
 PY
-python3 -m fct_dist.cli bench --set storage.root="$root" --set bench.rows=1000000 \
+python3 -m fct_dist.cli bench --set storage.root="$root" --set bench.rows=2000000 \
   --set "bench.scale_rows=[1000000, 2000000]" --set bench.rows_per_file=100000 \
-  --set backfill.num_actors=2 --set backfill.gpus_per_actor=0.5 --set backfill.cpus_per_actor=1 \
+  --set extract.num_actors=$gpus --set extract.gpus_per_actor=1 --set extract.cpus_per_actor=2 \
+  --set backfill.num_actors=$((2 * gpus)) --set backfill.gpus_per_actor=0.5 --set backfill.cpus_per_actor=1 \
   --set backfill.batch_size=65536 --set backfill.precision=bf16
 cp "$root"/reports/bench-*/* "$out"/

@@ -212,6 +212,7 @@ class Bench:
     image_size: int = num(224, 16, 4096)
     jpeg_height: int = num(375, 16, 8192)
     production_batch_size: int = num(32, 1, 1 << 16)
+    actors_per_gpu: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     projection: Projection = sub(Projection)
 
 
