@@ -92,21 +92,17 @@ class Store:
 
     def write_bytes(self, path: str, data: bytes | pa.Buffer) -> None:
         """Atomically write `data` to `path`; on failure nothing appears under `path`."""
-        parent = path.rsplit("/", 1)[0]
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-        try:
-            self.fs.create_dir(parent, recursive=True)
-            if self.scheme == "s3":
+        if self.scheme == "s3":
+            try:
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                 with self.fs.open_output_stream(path) as f:
                     f.write(data)
-                return
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
-        except (OSError, pa.ArrowException) as e:
-            if self.scheme != "s3" and os.path.exists(tmp):  # a full disk must not keep the half-written tmp
-                os.remove(tmp)
-            raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
+            except (OSError, pa.ArrowException) as e:
+                raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
+            return
+        out = AtomicFile(self, path)
+        out.write(data)
+        out.commit()
 
     def list_versions(self, path: str, suffix: str = "") -> list[tuple[str, int, str]]:
         """(path, size, version) of the files directly under `path` ending in `suffix`, sorted, hidden
@@ -245,6 +241,65 @@ def _s3fs(opts: tuple):
     config |= {k: v for k, v in (("connect_timeout", connect), ("read_timeout", read)) if v}
     return s3fs.S3FileSystem(endpoint_url=endpoint, client_kwargs={"region_name": region}, config_kwargs=config,
                              skip_instance_cache=True)
+
+
+class AtomicFile:
+    """A file written as a stream that appears under its path whole on `commit()`, and not at all on
+    `abort()` or a failure: a hidden temp file renamed into place on local disk; on S3 a buffer sent
+    in one upload at commit (pyarrow's S3 streams cannot abort an upload once started). Write and
+    commit errors are StorageErrors naming the file."""
+
+    def __init__(self, store: Store, path: str):
+        self.store, self.path, self.tmp = store, path, None
+        if store.scheme == "s3":
+            self.stream = pa.BufferOutputStream()
+            return
+        parent, name = path.rsplit("/", 1)
+        self.tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            store.fs.create_dir(parent, recursive=True)
+            self.stream = store.fs.open_output_stream(self.tmp)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"cannot write {store.uri(path)}: {e}") from None
+
+    def write(self, data: bytes | pa.Buffer) -> None:
+        try:
+            self.stream.write(data)
+        except (OSError, pa.ArrowException) as e:
+            self.abort()
+            raise StorageError(f"cannot write {self.store.uri(self.path)}: {e}") from None
+
+    def error(self, e: BaseException) -> BaseException:
+        """An error raised while writing this file's stream, as the StorageError it is when the store failed."""
+        if is_storage_fault(e):
+            return StorageError(f"cannot write {self.store.uri(self.path)}: {e}")
+        return e
+
+    def commit(self) -> int:
+        """Make the file appear whole under its path; returns its size in bytes."""
+        if self.tmp is None:
+            data = self.stream.getvalue()
+            self.store.write_bytes(self.path, data)
+            return data.size
+        try:
+            size = self.stream.tell()
+            self.stream.close()
+            self.store.fs.move(self.tmp, self.path)
+        except (OSError, pa.ArrowException) as e:
+            self.abort()
+            raise StorageError(f"cannot write {self.store.uri(self.path)}: {e}") from None
+        return size
+
+    def abort(self) -> None:
+        """Drop what was written (a full disk must not keep a half-written temp file)."""
+        if self.tmp is None:
+            return
+        try:
+            self.stream.close()
+        except (OSError, pa.ArrowException):
+            pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 def s3_filesystem(cfg: StorageCfg) -> pafs.S3FileSystem:

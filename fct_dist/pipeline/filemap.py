@@ -46,7 +46,7 @@ from .. import lake
 from ..config import Actors, digest
 from ..lake import LakeError
 from ..lease import Lease
-from ..storage import Store, StorageError, is_storage_fault
+from ..storage import AtomicFile, Store, StorageError, is_storage_fault
 
 log = logging.getLogger(__name__)
 KEY = b"fct.key"
@@ -240,11 +240,12 @@ class Prefetch:
 
 
 class OutputWriter:
-    """Parquet encoding of one output file in a background thread, in row groups of ROW_GROUP_ROWS."""
+    """One output file, Parquet-encoded in a background thread in row groups of ROW_GROUP_ROWS,
+    streamed into an AtomicFile: it appears whole on `close()`, or not at all."""
 
-    def __init__(self, schema: pa.Schema, id_col: str):
-        self.sink = pa.BufferOutputStream()
-        self.writer = pq.ParquetWriter(self.sink, schema, **lake.write_options(id_col))
+    def __init__(self, store: Store, path: str, schema: pa.Schema, id_col: str):
+        self.file = AtomicFile(store, path)
+        self.writer = pq.ParquetWriter(self.file.stream, schema, **lake.write_options(id_col))
         self.pool = ThreadPoolExecutor(1)
         self.pending: list[pa.Table] = []
         self.futures: list = []
@@ -256,27 +257,39 @@ class OutputWriter:
         if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
             self._flush()
 
+    def _wait(self, future) -> None:
+        try:
+            future.result()
+        except (OSError, pa.ArrowException) as e:
+            raise self.file.error(e) from None
+
     def _flush(self) -> None:
         if self.pending:
             self.futures.append(self.pool.submit(self.writer.write_table, pa.concat_tables(self.pending)))
             self.pending = []
         for f in [f for f in self.futures if f.done()]:
-            f.result()
+            self._wait(f)
             self.futures.remove(f)
         while len(self.futures) > 2:  # bounded memory: at most 2 row groups waiting to be encoded
-            self.futures.pop(0).result()
+            self._wait(self.futures.pop(0))
 
-    def close(self, metadata: dict[bytes, str]) -> pa.Buffer:
-        self._flush()
-        for f in self.futures:
-            f.result()
-        self.pool.shutdown()
-        self.writer.add_key_value_metadata(metadata)
-        self.writer.close()
-        return self.sink.getvalue()
+    def close(self, metadata: dict[bytes, str]) -> int:
+        """Finish the file and make it appear (the commit of its input); returns its size in bytes."""
+        try:
+            self._flush()
+            for f in self.futures:
+                self._wait(f)
+            self.pool.shutdown()
+            self.writer.add_key_value_metadata(metadata)
+            self.writer.close()
+        except BaseException as e:
+            self.abort()
+            raise (self.file.error(e) if isinstance(e, (OSError, pa.ArrowException)) else e) from None
+        return self.file.commit()
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.file.abort()
 
 
 class FileWorker:
@@ -319,7 +332,7 @@ class FileWorker:
                 raise LakeError(f"{where}: id {int(ids_all[first])}: duplicate id "
                                 f"({'kept in an earlier file' if kept[first] else 'repeated in this file'}); "
                                 f"set {job.name}.on_bad_input=quarantine to move such rows to rejected/")
-            writer = OutputWriter(self._out_schema(), job.id_col)
+            writer = OutputWriter(job.store, f"{job.out_dir}/{inp.name}", self._out_schema(), job.id_col)
             rejected, rows_in = [], 0
             try:
                 with contextlib.closing(Prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns))) as batches:
@@ -335,19 +348,20 @@ class FileWorker:
                 raise
         n_rej = sum(r.num_rows for r in rejected)
         if rows_in != inp.rows or writer.rows + n_rej != rows_in:
+            writer.abort()
             raise RuntimeError(f"{where}: rows do not add up: footer {inp.rows}, read {rows_in}, "
                                f"written {writer.rows} + rejected {n_rej}")
-        rejected_files = []
-        if rejected:
-            name = inp.name
-            table = pa.concat_tables(rejected).replace_schema_metadata({KEY: task.key})
-            lake.write_part(job.store, f"{job.rejected_dir}/{name}", table)
-            rejected_files.append(name)
         stats = {"input": inp.identity(), "rows_in": rows_in, "rows_out": writer.rows, "rows_rejected": n_rej,
-                 "bytes_in": inp.size, "quarantined": "", "rejected_files": rejected_files}
-        buf = writer.close({KEY: task.key, STATS: json.dumps(stats)})
-        job.store.write_bytes(f"{job.out_dir}/{inp.name}", buf)  # the commit of this file
-        return stats | {"output": inp.name, "bytes_out": buf.size, "seconds": time.time() - t0}
+                 "bytes_in": inp.size, "quarantined": "", "rejected_files": [inp.name] if rejected else []}
+        try:  # rejected rows first: the output file is the commit
+            if rejected:
+                table = pa.concat_tables(rejected).replace_schema_metadata({KEY: task.key})
+                lake.write_part(job.store, f"{job.rejected_dir}/{inp.name}", table)
+        except BaseException:
+            writer.abort()
+            raise
+        nbytes = writer.close({KEY: task.key, STATS: json.dumps(stats)})  # the commit of this file
+        return stats | {"output": inp.name, "bytes_out": nbytes, "seconds": time.time() - t0}
 
     def _out_schema(self) -> pa.Schema:
         job = self.job
