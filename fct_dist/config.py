@@ -204,7 +204,7 @@ class Projection:
 @dataclass
 class Bench:
     rows: int = num(1_000_000, 1)
-    scale_rows: list[int] = field(default_factory=lambda: [250_000, 1_000_000, 4_000_000])
+    scale_rows: list[int] = field(default_factory=lambda: [1_000_000, 2_000_000, 4_000_000])
     rows_per_file: int = num(100_000, 1)
     demo_items: int = num(50_000, 1)
     production_items: int = num(512, 1)
@@ -212,6 +212,7 @@ class Bench:
     image_size: int = num(224, 16, 4096)
     jpeg_height: int = num(375, 16, 8192)
     production_batch_size: int = num(32, 1, 1 << 16)
+    io_repeats: int = num(3, 1, 100)
     actors_per_gpu: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     projection: Projection = sub(Projection)
 
