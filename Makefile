@@ -29,7 +29,7 @@ data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/fct bench --config $(CONFIG)

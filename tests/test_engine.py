@@ -74,6 +74,15 @@ def test_a_lake_regenerated_under_the_same_names_is_mapped_again(engine):
     assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
 
 
+def test_readers_of_a_finished_lake_read_the_files_its_manifest_lists(engine):
+    cfg, store, meta = engine
+    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=10)
+    backfill.backfill(cfg, store)
+    write_stored(store, out_dir(store), {"part-99999.parquet": {"ids": [5]}}, meta)  # a stray file, not committed
+    ids, _ = read_output(store, out_dir(store))  # id 5 twice would raise here
+    np.testing.assert_array_equal(ids, np.arange(20))
+
+
 def test_outputs_of_another_model_version_are_replaced(engine):
     cfg, store, meta = engine
     id_lake(store, cfg.backfill.input, meta, files=3, rows_per_file=20)

@@ -169,8 +169,9 @@ def confined(script: str) -> subprocess.CompletedProcess:
 
 
 def backfill_cmd(root, *sets: str) -> str:
+    """`fct backfill` on the local distributor (no Ray inside the namespace: what fails is the disk)."""
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", "backfill.num_actors=1", *(x for s in sets for x in ("--set", s))]
+            "--set", "backfill.distributor=local", *(x for s in sets for x in ("--set", s))]
     return " ".join(args)
 
 

@@ -1,7 +1,8 @@
 """Who runs the engine's files: this process (`local`) or a pool of Ray actors (`ray`).
 
 Both run the same `FileWorker.map_file`, so `fct bench` compares like with like. Each returns the
-per-file results and the seconds spent starting workers (reported apart from the steady-state rate).
+per-file results, the seconds spent starting workers (reported apart from the steady-state rate)
+and how many workers ran.
 
 The Ray pool is scheduled by the driver, file by file, up to `files_in_flight` files per actor (the
 worker overlaps one file's reads and writes with another's compute). A file whose actor dies is
@@ -50,7 +51,7 @@ class Progress:
                      self.rows / max(now - self.t0, 1e-9))
 
 
-def local(job: FileJob, tasks: list[Task], lease: Lease) -> tuple[list[dict], float]:
+def local(job: FileJob, tasks: list[Task], lease: Lease) -> tuple[list[dict], float, int]:
     """Every file in this process: one worker, `files_in_flight` files at a time."""
     t0 = time.time()
     worker = FileWorker(job)
@@ -67,7 +68,7 @@ def local(job: FileJob, tasks: list[Task], lease: Lease) -> tuple[list[dict], fl
             for f in futures:
                 f.cancel()
             raise
-    return results, startup
+    return results, startup, 1
 
 
 @ray.remote
@@ -100,7 +101,7 @@ def _own_error(e: ray.exceptions.RayTaskError) -> BaseException:
     return e.cause if isinstance(e.cause, (LakeError, StorageError)) else e
 
 
-def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None = None) -> tuple[list[dict], float]:
+def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None = None) -> tuple[list[dict], float, int]:
     """Every file on a pool of Ray actors (GPU actors when the cluster has GPUs); Ray is started
     here, from `cfg`, when this process has not joined one yet."""
     if cfg is not None:
@@ -166,7 +167,7 @@ def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None
                                     "aside and map the rest") from None
                 results.append(quarantine(job, t, reason))
             lease.check()
-        return results, startup
+        return results, startup, n
     finally:
         for x in actors:
             ray.kill(x)

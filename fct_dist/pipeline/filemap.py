@@ -300,6 +300,7 @@ class FileWorker:
         self.job = job
         self.fn = job.make_fn()
         self.compute = threading.Lock()
+        self.busy = threading.local()  # seconds inside the batch function, per file (one thread maps one file)
 
     def map_file(self, task: Task) -> dict:
         job, inp, t0 = self.job, task.input, time.time()
@@ -318,6 +319,7 @@ class FileWorker:
 
     def _map(self, task: Task, where: str, t0: float) -> dict:
         job, inp = self.job, task.input
+        self.busy.seconds = 0.0
         footer = lake.read_footer(job.store, inp.path)
         if (footer.sha, footer.size) != (inp.footer, inp.size):
             raise InputChanged(f"{where} changed while this run was using it (size or footer differs from "
@@ -361,7 +363,8 @@ class FileWorker:
             writer.abort()
             raise
         nbytes = writer.close({KEY: task.key, STATS: json.dumps(stats)})  # the commit of this file
-        return stats | {"output": inp.name, "bytes_out": nbytes, "seconds": time.time() - t0}
+        return stats | {"output": inp.name, "bytes_out": nbytes, "seconds": time.time() - t0,
+                        "fn_seconds": self.busy.seconds}
 
     def _out_schema(self) -> pa.Schema:
         job = self.job
@@ -374,7 +377,9 @@ class FileWorker:
         job = self.job
         ids = rb.column(job.id_col).to_numpy()
         with self.compute:
+            t0 = time.perf_counter()
             invalid, reasons, vectors = self.fn(rb)  # vectors: rows that are not invalid
+            self.busy.seconds += time.perf_counter() - t0
         dup = repeated | kept
         bad = invalid | dup
         if invalid.any() and job.actors.on_bad_input == "fail":
@@ -441,7 +446,7 @@ def existing_outputs(job: FileJob) -> dict[str, tuple[str, dict, int]]:
     return {p.rsplit("/", 1)[1]: v for p, v in found.items()}
 
 
-def run(job: FileJob, distribute: Callable[[FileJob, list[Task], Lease], tuple[list[dict], float]]) -> dict:
+def run(job: FileJob, distribute: Callable[[FileJob, list[Task], Lease], tuple[list[dict], float, int]]) -> dict:
     """Map every input file not yet done for this job's key; then commit the output lake."""
     store, t0 = job.store, time.time()
     with Lease(store, job.out_dir, job.actors.lease_seconds, f"fct {job.name}") as lease:
@@ -478,11 +483,11 @@ def run(job: FileJob, distribute: Callable[[FileJob, list[Task], Lease], tuple[l
         for t in [t for t in todo if t.input.error]:  # quarantine policy: unusable files never reach a worker
             results.append(quarantine(job, t, t.input.error))
         todo = [t for t in todo if not t.input.error]
-        t_map, startup = time.time(), 0.0
+        t_map, startup, workers = time.time(), 0.0, 0
         if todo:
-            mapped, startup = distribute(job, todo, lease)
+            mapped, startup, workers = distribute(job, todo, lease)
             results += mapped
-        timing = {"startup_seconds": startup, "map_seconds": time.time() - t_map - startup}
+        timing = {"startup_seconds": startup, "map_seconds": time.time() - t_map - startup, "workers": workers}
         check_unchanged(job, inputs)
         return commit(job, lease, results, sorted(names), job_key, timing | {
             "driver_seconds": t_map - t0, "files_mapped_this_run": len(todo)})
@@ -517,7 +522,10 @@ def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], jo
                            f"{total['rows_rejected']} != read {total['rows_in']}; not committing")
     quarantined = {store.uri(r["input"]["path"]): r["quarantined"] for r in results if r["quarantined"]}
     mapped_rows = sum(r["rows_in"] or 0 for r in results if r["seconds"] > 0)
+    fn_seconds = sum(r.get("fn_seconds", 0.0) for r in results if r["seconds"] > 0)
+    busy = fn_seconds / (timing["workers"] * timing["map_seconds"]) if timing["workers"] else None
     summary = total | {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()} | {
+        "fn_seconds": round(fn_seconds, 3), "fn_busy": round(busy, 3) if busy is not None else None,
         "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined,
         "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
         "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
