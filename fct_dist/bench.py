@@ -145,7 +145,7 @@ class Usage:
             try:
                 with p.oneshot():
                     key, cpu, mem = (p.pid, p.create_time()), sum(p.cpu_times()[:2]), p.memory_info().rss
-                if key not in self._worker:
+                if not self._worker.get(key):  # a Ray worker takes its actor's title when the actor starts
                     self._worker[key] = "RayFileWorker" in " ".join(p.cmdline())
             except psutil.Error:
                 continue
@@ -429,16 +429,18 @@ def machine() -> dict:
 def goals(r: dict) -> list[dict]:
     """The benchmark's goals, each with its measured ratio."""
     prod, demo = r["profiles"]["production"], r["profiles"]["demo"]
-    io, bf = prod[IO_JOB], prod["backfill"]
+    io, big = prod[IO_JOB], max(r["scale"], key=lambda s: s["rows"])  # the largest lake: the least tail of the last files
     ratios = [
-        ("I/O path (zero-cost transform) through Ray >= 0.8 x a plain pyarrow read -> write loop",
+        ("io", "I/O path (zero-cost transform) through Ray >= 0.8 x a plain pyarrow read -> write loop",
          io["ray"]["items_per_second"] / io["plain_loop"]["items_per_second"], 0.8),
-        ("production h through Ray >= 0.9 x h's compute-only rate",
-         bf["ray"]["items_per_second"] / prod["compute_only"]["items_per_second"], 0.9),
-        ("production h through Ray: the actors spend >= 0.9 of their mapping time in h", bf["ray"]["fn_busy"], 0.9),
-        ("demo re-extraction through Ray >= 0.7 x the local distributor", demo["re-extraction"]["ray_over_local"], 0.7),
-        ("production speed-up, backfill / re-extraction (Ray) >= 1000 x", prod["speedup"]["ray"], 1000.0)]
-    return [{"goal": g, "measured": round(v, 3), "met": v >= want} for g, v, want in ratios]
+        ("h", f"production h through Ray ({big['rows']:,} rows) >= 0.9 x h's compute-only rate",
+         big["items_per_second"] / prod["compute_only"]["items_per_second"], 0.9),
+        ("h_busy", f"production h through Ray ({big['rows']:,} rows): the actors spend >= 0.9 of their mapping "
+                   "time in h", big["fn_busy"], 0.9),
+        ("reextraction", "demo re-extraction through Ray >= 0.7 x the local distributor",
+         demo["re-extraction"]["ray_over_local"], 0.7),
+        ("speedup", "production speed-up, backfill / re-extraction (Ray) >= 1000 x", prod["speedup"]["ray"], 1000.0)]
+    return [{"id": i, "goal": g, "measured": round(v, 3), "met": v >= want} for i, g, v, want in ratios]
 
 
 def run(cfg: Config, store: Store) -> dict:

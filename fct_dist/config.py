@@ -151,7 +151,7 @@ class Actors:
     num_actors: int = num(2, 1, 100_000)
     cpus_per_actor: float = num(0.5, 0.0, 1024)
     gpus_per_actor: float = num(1.0, 0.0, 64)
-    files_in_flight: int = num(2, 1, 64)
+    files_in_flight: int = num(1, 1, 64)
     batch_size: int = num(4096, 1, 1 << 24)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     on_bad_input: Literal["fail", "quarantine"] = "fail"
