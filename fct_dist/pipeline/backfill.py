@@ -4,6 +4,7 @@ No image is read. See filemap.py for the exactly-once design."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,10 @@ from ..storage import Store
 from . import filemap
 from .device import place
 from .distribute import run
+
+
+# Arrow's buffers are read-only and h only reads them: torch's warning about that is noise
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class TransformFn:

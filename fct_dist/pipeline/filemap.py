@@ -289,6 +289,10 @@ class OutputWriter:
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        try:  # closed now, so that it does not try again on a closed stream when collected
+            self.writer.close()
+        except (OSError, pa.ArrowException):
+            pass
         self.file.abort()
 
 
