@@ -1,7 +1,7 @@
 """The per-file engine: map a lake, file by file, through a batch function, exactly once.
 
-Every input file `X.parquet` becomes exactly one output file `X.parquet`, written whole in one step
-(`Store.write_bytes`) once all its rows are done. What makes "exactly once" impossible to fool:
+Every input file `X.parquet` becomes exactly one output file `X.parquet`, which appears whole in one
+step (`storage.AtomicFile`) once all its rows are done. What makes "exactly once" impossible to fool:
 - **Identity.** The driver lists every input with its version (`Store.list_versions`: the S3 ETag,
   or mtime + ctime + inode on local disk) and reads its footer before any work (`scan`): size,
   version and a hash of the footer bytes identify the file; the footer also gives its row count,
@@ -29,6 +29,7 @@ its reads running ahead and its Parquet encoding running behind the batch functi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -78,7 +79,6 @@ class FileJob:
     id_col: str = "id"
     name: str = "map"
     expect_versions: dict = field(default_factory=dict)  # input column -> producer version it must carry
-    extra_manifest: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,13 @@ def scan(job: FileJob) -> list[Input]:
             f = lake.read_footer(store, base.path)
             schema = f.metadata.schema.to_arrow_schema().with_metadata(f.metadata.metadata or {})
         except LakeError as e:
-            return Input(**base.__dict__ | {"error": str(e)})
-        found = Input(**base.__dict__ | {"footer": f.sha, "rows": f.metadata.num_rows, "ids": id_range(f, job.id_col)})
+            return dataclasses.replace(base, error=str(e))
+        found = dataclasses.replace(base, footer=f.sha, rows=f.metadata.num_rows, ids=id_range(f, job.id_col))
         try:
             lake.check_schema(schema, job.expected, where)
             check_versions(schema, job.expect_versions, where)
         except LakeError as e:
-            return Input(**found.__dict__ | {"error": str(e)})
+            return dataclasses.replace(found, error=str(e))
         return found
 
     with ThreadPoolExecutor(16) as pool:
@@ -536,8 +536,7 @@ def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], jo
     manifest = {"kind": "embeddings", "stage": job.name, "key": job_key, "fingerprint": job.fingerprint,
                 "producer": job.producer, "source": store.uri(job.in_dir), "files": names,
                 "per_file": results, "rows": total["rows_out"], "summary": summary,
-                "rejected_dir": store.uri(job.rejected_dir) if total["rows_rejected"] or unknown else None
-                } | job.extra_manifest
+                "rejected_dir": store.uri(job.rejected_dir) if total["rows_rejected"] or unknown else None}
     lease.renew()  # fencing: a run whose lease was taken over never commits
     summary["commit_seconds"] = round(time.time() - t0, 3)
     store.write_manifest(job.out_dir, manifest)
