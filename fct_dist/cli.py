@@ -9,19 +9,23 @@ import time
 import numpy as np
 
 from . import config as config_mod
+from . import runtime
 from .config import Config, ConfigError
 from .lake import LakeError
 from .models.registry import ArtefactError
 from .storage import Store, StorageError, open_store
 
-CLEAR_ERRORS = (ConfigError, LakeError, StorageError, ArtefactError, FileNotFoundError, ValueError)
+# The project's own errors (and a missing file named on the command line): one line, exit 2. Anything
+# else is a bug and keeps its traceback.
+CLEAR_ERRORS = (ConfigError, LakeError, StorageError, ArtefactError, FileNotFoundError)
+log = logging.getLogger("fct_dist")
 
 
 def _data(cfg: Config, store: Store, a) -> None:
     from . import datasets
     if a.from_folder:
         cfg.data.source, cfg.data.folder = "folder", a.from_folder
-    datasets.fill(cfg, store)
+    datasets.fill(cfg, store, force=a.force)
 
 
 def _train(stage: str):
@@ -34,6 +38,9 @@ def _train(stage: str):
         elif stage == "new":
             stages.train_new(cfg, store, bct=a.bct, force=a.force)
         else:
+            from .pipeline import extract
+            for split in ("train", "test"):  # h's training data: the features extracted by the current models
+                extract.features(cfg, store, split)
             stages.train_transformation(cfg, store, use_side=not a.no_side, force=a.force)
     return run
 
@@ -46,7 +53,7 @@ def _extract(cfg: Config, store: Store, a) -> None:
 
 def _backfill(cfg: Config, store: Store, a) -> None:
     from .pipeline import backfill
-    backfill.backfill(cfg, store, a.model, a.split)
+    backfill.backfill(cfg, store, a.model, a.split, a.input, a.output)
 
 
 def _index(cfg: Config, store: Store, a) -> None:
@@ -55,21 +62,27 @@ def _index(cfg: Config, store: Store, a) -> None:
 
 
 def _search(cfg: Config, store: Store, a) -> None:
+    from . import search
     from .pipeline import index
     if a.vectors:
         queries = np.load(a.vectors).astype(np.float32)
-        ids = None
+        names = [f"query {row}" for row in range(len(queries))]
+        d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe)
     else:
-        ids, queries = index.embed_images(store, a.model, a.split, a.ids)
-    d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe)
-    for row in range(len(queries)):
-        head = f"query {ids[row]}" if ids is not None else f"query {row}"
-        print(f"{head}: " + " ".join(f"{int(x)}({dist:.3f})" for x, dist in zip(i[row], d[row]) if x >= 0))
+        ids = a.ids or search.spread_ids(store, a.split, 5).tolist()
+        q, d, i = search.query(store, a.model, a.lake, a.split, ids, a.k, cfg.index.nprobe)
+        names = [f"query {x} (label {y})" for x, y in zip(q.ids, q.labels)]
+        if a.plot:
+            with open(a.plot, "wb") as f:
+                f.write(search.draw(store, a.split, q, d, i, f"{a.model} queries / {a.lake} gallery"))
+            log.info("picture of the search: %s", a.plot)
+    for row, name in enumerate(names):
+        print(f"{name}: " + " ".join(f"{int(x)}({dist:.3f})" for x, dist in zip(i[row], d[row]) if x >= 0))
 
 
 def _evaluate(cfg: Config, store: Store, a) -> None:
     from . import evaluate
-    evaluate.matrix(cfg, store, print_table=True)
+    evaluate.matrix(cfg, store)
 
 
 def _upgrade(cfg: Config, store: Store, a) -> None:
@@ -88,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="YAML config (default: the embedded defaults)")
     common.add_argument("--preset", help="overlay a named preset (e.g. tiny)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    common.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own output and debug lines")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name: str, fn, help: str) -> argparse.ArgumentParser:
@@ -95,11 +110,13 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
-    cmd("data", _data, "fill the image lake").add_argument("--from-folder", help="DIR/<class>/*.png|jpg")
+    s = cmd("data", _data, "fill the image lake")
+    s.add_argument("--from-folder", help="DIR/<class>/*.png|jpg")
+    s.add_argument("--force", action="store_true", help="refill even when the image lake is current")
     for name, stage, help in (("train-old", "old", "train the old model"),
                               ("train-side-info", "side", "train the side-info model"),
                               ("train-new", "new", "train the new model (or the BCT baseline)"),
-                              ("train-transformation", "h", "train h(old, side) -> new")):
+                              ("train-transformation", "h", "extract the features (old, side, new), train h(old, side) -> new")):
         s = cmd(name, _train(stage), help)
         s.add_argument("--force", action="store_true", help="retrain even when the artefact is current")
         if stage == "new":
@@ -113,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
     s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
     s.add_argument("--split", default="test")
+    s.add_argument("--input", metavar="URI", help="stored lake (default: embeddings/stored/SPLIT under storage.root)")
+    s.add_argument("--output", metavar="URI", help="new lake (default: embeddings/MODEL/SPLIT under storage.root; "
+                   "rejected rows then go to URI.rejected)")
     s = cmd("index", _index, "build a sharded FAISS index from an embedding lake")
     s.add_argument("--lake", default="fct")
     s.add_argument("--split", default="test")
@@ -123,11 +143,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--vectors", help=".npy file of query vectors (n, d)")
     s.add_argument("--model", default="new", help="embed query images with this model")
-    s.add_argument("--ids", type=int, nargs="*", default=[], help="image ids (of --split) to use as queries")
+    s.add_argument("--ids", type=int, nargs="*", default=[], help="image ids (of --split) to use as queries "
+                   "(default: 5 spread over the split)")
+    s.add_argument("--plot", metavar="PNG", help="draw the queries and their neighbours into this PNG")
     cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
-    s.add_argument("--force", action="store_true", help="rerun every stage")
+    s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "
+                   "data-parallel stages then rerun because their inputs changed)")
     cmd("bench", _bench, "backfill vs full re-extraction, each also without Ray; scaling; 1B projection")
     return p
 
@@ -135,25 +158,22 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     t0 = time.time()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("fct_dist").addHandler(handler)
-    logging.getLogger("fct_dist").setLevel(logging.INFO)
+    runtime.setup_logging(logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO)
     try:
         cfg = config_mod.load(a.config, a.set, a.preset)
         a.fn(cfg, open_store(cfg.storage), a)
     except CLEAR_ERRORS as e:
-        print(f"fct {a.cmd}: error: {e}", file=sys.stderr)
+        log.error("fct %s: error: %s", a.cmd, e)
         return 2
     except Exception as e:  # Ray wraps a stage's own error; surface its message
         cause = e
         while not isinstance(cause, CLEAR_ERRORS) and (cause.__cause__ or getattr(cause, "cause", None)):
             cause = cause.__cause__ or cause.cause
         if isinstance(cause, CLEAR_ERRORS):
-            print(f"fct {a.cmd}: error: {cause}", file=sys.stderr)
+            log.error("fct %s: error: %s", a.cmd, cause)
             return 2
         raise
-    print(f"fct {a.cmd}: done in {time.time() - t0:.1f} s")
+    log.info("fct %s: done in %.1f s", a.cmd, time.time() - t0)
     return 0
 
 

@@ -170,8 +170,6 @@ class Columns:
 @dataclass
 class Backfill(Actors):
     columns: Columns = sub(Columns)
-    input: Optional[str] = None
-    output: Optional[str] = None
 
 
 @dataclass

@@ -7,17 +7,24 @@ with no same-class item in the gallery are left out of both and counted.
 """
 from __future__ import annotations
 
+import logging
+
+import faiss
 import numpy as np
 import pyarrow as pa
 import torch
 
-from . import lake
+from . import lake, layout
 from .config import Config
+from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE, STORED
+from .pipeline import index
 from .storage import Store
 
+log = logging.getLogger(__name__)
+
 # The gallery / query sources of the matrix: model name -> (embedding lake, column).
-SOURCES = {"old": ("stored", "old"), "side": ("stored", "side"), "new": ("new", "emb"), "bct": ("bct", "emb"),
-           "fct": ("fct", "emb"), "fct-noside": ("fct-noside", "emb")}
+SOURCES = {OLD: (STORED, "old"), SIDE: (STORED, "side"), NEW: (NEW, "emb"), BCT: (BCT, "emb"),
+           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb")}
 CASES = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old"),
          ("bct", "bct"), ("new", "old"), ("side", "side")]
 LABELS = {"old": "old", "new": "new", "fct": "FCT (with side-info)", "fct-noside": "FCT (no side-info)",
@@ -91,7 +98,7 @@ Source = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids (sorted), vectors, lab
 
 def split_labels(store: Store, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, labels) of the split's images: the ground truth of every case."""
-    t = lake.read_lake(store, store.path("images", split), {"id": pa.int64(), "label": pa.int32()},
+    t = lake.read_lake(store, layout.images(store, split), {"id": pa.int64(), "label": pa.int32()},
                        columns=["id", "label"]).sort_by("id")
     return t["id"].to_numpy(), t["label"].to_numpy()
 
@@ -99,7 +106,7 @@ def split_labels(store: Store, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_source(store: Store, model: str, split: str, truth: tuple[np.ndarray, np.ndarray]) -> Source:
     """One model's embeddings of `split` with each row's label from `truth` (see split_labels)."""
     name, col = SOURCES[model]
-    directory = store.path("embeddings", name, split)
+    directory = layout.embeddings(store, name, split)
     store.manifest(directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
     ids, (all_ids, labels) = t["id"].to_numpy(), truth
@@ -116,11 +123,12 @@ def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str,
     if len(g) <= cfg.eval.exact_max_gallery:
         r = exact_ranking(q, q_lab, q_ids, g, g_lab, g_ids, cfg.eval.max_rank, cfg.eval.block_size)
     else:
-        from .pipeline import index
-        name = SOURCES[gallery][0]
-        if not store.has_manifest(store.path("index", name, split)):
-            index.build(cfg, store, name, split, SOURCES[gallery][1])
-        _, nbr = index.search(store, name, split, _pad(q, g.shape[1]), cfg.eval.search_k + 1, cfg.index.nprobe)
+        name, column = SOURCES[gallery]
+        if index.current(cfg, store, name, split, column) is None:
+            raise lake.LakeError(f"gallery {gallery!r} has {len(g)} items (> eval.exact_max_gallery) and no current "
+                                 f"index: build it first (fct index --lake {name} --column {column})")
+        _, nbr = index.search(store, name, split, _pad(q, g.shape[1]), cfg.eval.search_k + 1, cfg.index.nprobe,
+                              column)
         r = ranking_from_neighbours(nbr, q_lab, q_ids, g_lab, g_ids, cfg.eval.max_rank)
     r |= {"query": query, "gallery": gallery, "label": f"{LABELS[query]} / {LABELS[gallery]}",
           "top1": r["cmc"][0], "top5": r["cmc"][min(4, len(r["cmc"]) - 1)], "dims": [q.shape[1], g.shape[1]]}
@@ -138,6 +146,34 @@ def gap_closed(cases: list[dict], gallery: str) -> dict:
     return {m: (f[m] - oo[m]) / (nn[m] - oo[m]) if nn[m] != oo[m] else None for m in ("top1", "top5", "map")}
 
 
+def searched_galleries(cfg: Config, store: Store) -> list[tuple[str, str]]:
+    """(lake, column) of the galleries too large for exact ranking: the matrix searches their index."""
+    out = []
+    for model in sorted({g for _, g in CASES}):
+        name, column = SOURCES[model]
+        directory = layout.embeddings(store, name, cfg.eval.split)
+        if store.has_manifest(directory) and store.manifest(directory)["rows"] > cfg.eval.exact_max_gallery:
+            out.append((name, column))
+    return sorted(set(out))
+
+
+def index_recall(cfg: Config, store: Store, name: str, split: str, column: str = "emb", k: int = 10,
+                 n_queries: int = 1000, max_rows: int = 2_000_000) -> float | None:
+    """Recall@k of index/{name}/{split} against exact search, on queries drawn from the lake itself
+    (None above max_rows, where exact search over the lake would not fit this check)."""
+    shards, manifest = index.load(store, name, split)
+    if manifest["rows"] > max_rows:
+        return None
+    files = lake.parts(store, layout.embeddings(store, name, split))
+    ids, x = map(np.concatenate, zip(*(index.read_vectors(store, p, column, manifest["dim"]) for p in files)))
+    q = x[np.random.default_rng(1).choice(len(x), min(n_queries, len(x)), replace=False)]
+    exact = faiss.IndexIDMap(faiss.IndexFlatL2(manifest["dim"]))
+    exact.add_with_ids(x, ids)
+    _, truth = exact.search(q, k)
+    _, got = index.search_shards(shards, q, k, cfg.index.nprobe)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
+
+
 def format_table(cases: list[dict]) -> str:
     lines = ["| case (query / gallery) | top-1 % | top-5 % | mAP % |", "|---|---|---|---|"]
     for c in cases:
@@ -145,19 +181,24 @@ def format_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def matrix(cfg: Config, store: Store, print_table: bool = False) -> dict:
-    """Every case whose embeddings exist; returns {"cases": [...], "gap_closed": {...}}."""
+def matrix(cfg: Config, store: Store) -> dict:
+    """Every case whose embeddings exist, and the recall of every current index of the split;
+    returns {"cases": [...], "gap_closed": {...}, "index_recall_at_10": {...}, "skipped": [...]}."""
     split = cfg.eval.split
-    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(store.path("embeddings", name, split))}
+    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(layout.embeddings(store, name, split))}
     pairs = [(q, g) for q, g in CASES if q in present and g in present]
     truth = split_labels(store, split)
     sources = {m: load_source(store, m, split, truth) for m in {m for pair in pairs for m in pair}}
     cases = [case(cfg, store, q, g, sources) for q, g in pairs]
-    out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in ("fct", "fct-noside")},
+    indexed = sorted({SOURCES[m][0] for m in present if SOURCES[m][1] == "emb"
+                      and index.current(cfg, store, SOURCES[m][0], split) is not None})
+    out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
+           "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
            "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
-    if print_table:
-        print(format_table(cases))
-        for g, v in out["gap_closed"].items():
-            if v:
-                print(f"gap closed by {LABELS[g]}: top-1 {100 * v['top1']:.0f} %, mAP {100 * v['map']:.0f} %")
+    log.info("%s", format_table(cases))
+    for g, v in out["gap_closed"].items():
+        if v:
+            log.info("gap closed by %s: top-1 %.0f %%, mAP %.0f %%", LABELS[g], 100 * v["top1"], 100 * v["map"])
+    for name, r in out["index_recall_at_10"].items():
+        log.info("index %s: recall@10 against exact search %s", name, "not measured (lake too large)" if r is None else f"{r:.3f}")
     return out

@@ -1,10 +1,10 @@
 """The Parquet lakes: schemas, validated readers and atomic writers.
 
-Image lake:     images/{split}/part-*.parquet      id int64, image binary (PNG/JPEG), label int32
-Embedding lake: embeddings/{name}/{split}/part-*   id int64 + one fixed_size_list<float32>[d] per model
+Image lake:     id int64, image binary (PNG/JPEG), label int32
+Embedding lake: id int64 + one fixed_size_list<float32>[d] per model
                 (file metadata key `fct`: JSON with the producing model of every vector column)
-Every finished dataset directory holds a `_manifest.json`, written last; when it lists its files,
-readers read exactly those.
+Where they live: `layout`. Every finished dataset directory holds a `_manifest.json`, written last
+(`currency.commit`); when it lists its files, readers read exactly those.
 
 Written layout (chosen by measurement, docs/ARCHITECTURE.md): no dictionary, no compression (float
 vectors neither repeat nor compress), statistics only on the id column (they give each file's id
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from . import currency, layout
 from .storage import Store, StorageError, is_storage_fault
 
 IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
@@ -250,9 +251,10 @@ def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = ""
 
 
 def write_image_split(store: Store, split: str, ids: np.ndarray, images: list[bytes], labels: np.ndarray,
-                      rows_per_file: int, producer: dict) -> dict:
-    """Write encoded images to images/{split}/ and then its manifest; returns the manifest."""
-    directory = store.path("images", split)
+                      rows_per_file: int, producer: dict, key: str) -> dict:
+    """Write encoded images to images/{split}/, then its manifest for `key` (what the images were made
+    from, see `currency`); returns the manifest."""
+    directory = layout.images(store, split)
     if store.exists(directory):
         store.delete(directory)
     files, nbytes = [], 0
@@ -267,14 +269,13 @@ def write_image_split(store: Store, split: str, ids: np.ndarray, images: list[by
     manifest = {"kind": "images", "split": split, "rows": int(len(ids)), "files": files, "bytes": nbytes,
                 "schema": IMAGE_SCHEMA.to_string(), "image_shape": list(shape),
                 "labels": sorted(int(c) for c in np.unique(labels)), "producer": producer}
-    store.write_manifest(directory, manifest)
-    return manifest
+    return currency.commit(store, directory, key, manifest)
 
 
 def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, uint8 images (n, C, H, W), labels) of one split, optionally only some labels / the first `limit`."""
-    directory = store.path("images", split)
+    directory = layout.images(store, split)
     image_manifest(store, split)
     table = read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
     y = table["label"].to_numpy()
@@ -286,6 +287,6 @@ def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
 
 def image_manifest(store: Store, split: str) -> dict:
     try:
-        return store.manifest(store.path("images", split))
+        return store.manifest(layout.images(store, split))
     except StorageError as e:
         raise LakeError(f"{e}; fill the image lake first with `fct data`") from None

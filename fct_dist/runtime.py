@@ -1,11 +1,30 @@
 """Ray start-up and device choice, shared by every stage."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import ray
 
 from .config import Config
+
+
+def setup_logging(level: int) -> None:
+    """The CLI's output: fct_dist's lines on stderr at `level` (INFO: steps, progress, summaries).
+    Ray's own output (its workers' stdout, its INFO lines) stays in Ray's log files
+    (/tmp/ray/session_latest/logs) unless `level` is DEBUG (`-v`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("fct_dist")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
+
+
+def verbose() -> bool:
+    return logging.getLogger("fct_dist").getEffectiveLevel() <= logging.DEBUG
 
 
 def init_ray(cfg: Config) -> None:
@@ -16,14 +35,16 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's workers' output and its own INFO lines go to its log files; `-v` shows them here too
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.DEBUG if verbose() else logging.ERROR}
     if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**quiet)
         return
     kwargs = {}
     if cfg.ray.address == "local":
         # the dashboard (127.0.0.1 only) serves the state API that Ray Train's controller polls
         kwargs = {"num_cpus": cfg.ray.num_cpus, "object_store_memory": cfg.ray.object_store_memory}
-    ray.init(address=cfg.ray.address, **kwargs)
+    ray.init(address=cfg.ray.address, **kwargs, **quiet)
 
 
 def gpus_available() -> bool:

@@ -63,6 +63,16 @@ class Store:
         """A human-readable URI for messages and manifests."""
         return f"s3://{path}" if self.scheme == "s3" else path
 
+    def resolve(self, location: str) -> str:
+        """A URI (`s3://bucket/prefix`, `file:///dir`) or local path as a path in this store's filesystem."""
+        u = urlparse(location)
+        if u.scheme == "s3" and self.scheme == "s3" and u.netloc:
+            return f"{u.netloc}{u.path}".rstrip("/")
+        if u.scheme in ("", "file") and self.scheme == "file":
+            return os.path.abspath(os.path.expanduser(u.path if u.scheme else location)).rstrip("/")
+        raise StorageError(f"{location!r} is not on the storage of storage.root ({self.uri(self.root)}): "
+                           f"expected {'an s3://bucket/prefix URI' if self.scheme == 's3' else 'a local path or file:// URI'}")
+
     def exists(self, path: str) -> bool:
         try:
             return self.fs.get_file_info(path).type != pafs.FileType.NotFound

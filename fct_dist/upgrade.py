@@ -1,55 +1,71 @@
 """`fct upgrade`: every stage in order on one config, then the report.
 
-Stages whose artefacts exist and match the config are skipped (each stage checks its own
-fingerprint), so a rerun is cheap. With several seeds the training stages are repeated per seed in
-their own sub-root (seeds/seed-N) and the report gives mean ± std."""
+The whole flow is `run_once`, one visible step per stage; each step reads only what earlier steps
+committed (`layout`) and is skipped when its output is current (`currency`), so a rerun is cheap.
+With several seeds the training stages are repeated per seed in their own sub-root (seeds/seed-N)
+and the report gives mean ± std."""
 from __future__ import annotations
 
 import copy
+import logging
 import time
+from typing import Callable
 
-from . import datasets, evaluate, report
+from . import datasets, evaluate, layout, report, search
 from .config import Config
+from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from .models import registry
 from .pipeline import backfill, extract, index
 from .runtime import init_ray
 from .storage import Store
 from .train import stages
 
-MODELS = ("old", "side", "new", "bct", "fct", "fct-noside")
+log = logging.getLogger(__name__)
+MODELS = (OLD, SIDE, NEW, BCT, FCT, FCT_NOSIDE)
+
+
+class Steps:
+    """Runs named steps in order, logging each one and timing it."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable, *args, **kwargs):
+        t0 = time.time()
+        log.info("=== %s ===", name)
+        out = fn(*args, **kwargs)
+        self.timings[name] = round(time.time() - t0, 1)
+        return out
 
 
 def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
-    """All stages on one storage root; returns timings, model metas, index manifest and evaluation."""
+    """All stages on one storage root; returns timings, model metas, index manifest and evaluation.
+    `force` refills the image lake and retrains every model; the data-parallel stages (extract,
+    backfill, index) rerun whenever their inputs changed, so they follow."""
     init_ray(cfg)
-    timings: dict[str, float] = {}
-
-    def step(name: str, fn, *args, **kwargs):
-        t0 = time.time()
-        print(f"\n=== {name} ===", flush=True)
-        out = fn(*args, **kwargs)
-        timings[name] = round(time.time() - t0, 1)
-        return out
-
-    split = cfg.eval.split
-    if force or not datasets.is_current(cfg, store):
-        step("data", datasets.fill, cfg, store)
-    else:
-        print("=== data === image lake is current: skipped")
-    step("train-old", stages.train_old, cfg, store, force=force)
-    step("train-side-info", stages.train_side_info, cfg, store, force=force)
-    step("extract stored lake (old, side)", extract.stored, cfg, store, split)
-    step("train-new", stages.train_new, cfg, store, force=force)
-    step("train-new --bct", stages.train_new, cfg, store, bct=True, force=force)
-    step("train-transformation", stages.train_transformation, cfg, store, force=force)
-    step("train-transformation --no-side", stages.train_transformation, cfg, store, use_side=False, force=force)
-    step("backfill (fct)", backfill.backfill, cfg, store, "fct", split)
-    step("backfill (fct-noside)", backfill.backfill, cfg, store, "fct-noside", split)
-    step("re-extract (new)", extract.reextract, cfg, store, "new", split)
-    step("re-extract (bct)", extract.reextract, cfg, store, "bct", split)
-    idx = step("index (fct)", index.build, cfg, store, "fct", split)
-    evaluation = step("evaluate", evaluate.matrix, cfg, store)
-    return {"timings": timings, "models": {m: registry.read_meta(store, m) for m in MODELS},
+    step, split = Steps(), cfg.eval.split
+    step("data: fill the image lake", datasets.fill, cfg, store, force=force)
+    step("train the old model", stages.train_old, cfg, store, force=force)
+    step("train the side-info model", stages.train_side_info, cfg, store, force=force)
+    step(f"extract the stored lake (old, side) of {split}", extract.stored, cfg, store, split)
+    step("train the new model", stages.train_new, cfg, store, force=force)
+    step("train BCT's new model (baseline)", stages.train_new, cfg, store, bct=True, force=force)
+    for s in layout.SPLITS:
+        step(f"extract the transformation's features (old, side, new) of {s}", extract.features, cfg, store, s)
+    step("train the transformation h", stages.train_transformation, cfg, store, force=force)
+    step("train the transformation without side-info", stages.train_transformation, cfg, store, use_side=False,
+         force=force)
+    step(f"backfill {split} with h: the upgraded lake", backfill.backfill, cfg, store, FCT, split)
+    step(f"backfill {split} with h without side-info", backfill.backfill, cfg, store, FCT_NOSIDE, split)
+    step(f"re-extract {split} with the new model (the baseline a backfill avoids)", extract.reextract, cfg, store,
+         NEW, split)
+    step(f"re-extract {split} with BCT's model", extract.reextract, cfg, store, BCT, split)
+    idx = step("index the upgraded lake", index.build, cfg, store, FCT, split)
+    for name, column in evaluate.searched_galleries(cfg, store):
+        if name != FCT:
+            step(f"index the {name} gallery (too large for exact ranking)", index.build, cfg, store, name, split, column)
+    evaluation = step("evaluate: the compatibility matrix and index recall", evaluate.matrix, cfg, store)
+    return {"timings": step.timings, "models": {m: registry.read_meta(store, m) for m in MODELS},
             "index": idx, "evaluation": evaluation}
 
 
@@ -67,8 +83,15 @@ def upgrade(cfg: Config, store: Store, seeds: int = 1, force: bool = False) -> s
     for s in range(seeds):
         sub = store if s == 0 else store.sub("seeds", f"seed-{s}")
         if seeds > 1:
-            print(f"\n##### seed {s} ({store.uri(sub.root)}) #####")
+            log.info("##### seed %d (%s) #####", s, store.uri(sub.root))
         runs.append(run_once(with_seed(cfg, cfg.train.old.seed + s) if s else cfg, sub, force))
     for r in runs:
         r["timings"]["total"] = round(time.time() - t0, 1)
-    return report.write(store, runs, cfg.to_dict())
+    return report.write(store, runs, cfg.to_dict(), search_png=search_picture(cfg, store))
+
+
+def search_picture(cfg: Config, store: Store, queries: int = 5, k: int = 8) -> bytes:
+    """Test images embedded by the new model, searched in the backfilled gallery's index, drawn."""
+    split = cfg.eval.split
+    q, d, i = search.query(store, NEW, FCT, split, search.spread_ids(store, split, queries), k, cfg.index.nprobe)
+    return search.draw(store, split, q, d, i, "new-model queries / backfilled (FCT) gallery")

@@ -2,7 +2,7 @@
 silent drop. Shared by tests/test_bad_inputs.py (one parametrised test) and `make chaos` (a summary).
 
 Each case builds its input in a fresh local root holding random-weight tiny artefacts (`new`, an
-encoder, and `fct`, a transformation: see bench.save_models), runs the real stage, and reports what
+encoder, and `fct`, a transformation: see fixtures.save_models), runs the real stage, and reports what
 happened; `handled` says whether that is what the case expects.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from fct_dist import bench, config, lake
+from fct_dist import config, fixtures, lake
 from fct_dist.config import Config
 from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
@@ -27,14 +27,14 @@ class Ctx:
     cfg: Config
     store: Store
 
-    def stored(self, files: dict[str, dict], version: str = bench.DATA_VERSION, dims: dict | None = None) -> None:
-        """Write the stored lake backfill.input = in/ (see write_stored), as made by `version`."""
+    def stored(self, files: dict[str, dict], version: str = fixtures.DATA_VERSION, dims: dict | None = None) -> None:
+        """Write the stored lake in/ (see write_stored), as made by `version`."""
         dims = dims or registry.read_meta(self.store, "fct")["dims"]
-        write_stored(self.store, self.cfg.backfill.input, files, {"dims": dims,
+        write_stored(self.store, self.store.path("in"), files, {"dims": dims,
                                                                  "producers": {"old": version, "side": version}})
 
     def images(self, blobs: list[bytes]) -> None:
-        lake.write_image_split(self.store, "test", np.arange(len(blobs)), blobs, np.zeros(len(blobs), np.int32), 100, {})
+        lake.write_image_split(self.store, "test", np.arange(len(blobs)), blobs, np.zeros(len(blobs), np.int32), 100, {}, "test")
 
 
 @dataclass
@@ -50,13 +50,12 @@ def make_ctx(root: Path, *sets: str) -> Ctx:
     cfg = config.load(None, [f"storage.root={root}", "backfill.distributor=local", "extract.distributor=local", *sets],
                       preset="tiny")
     store = open_store(cfg.storage)
-    bench.save_models(store, bench.profiles(cfg)[0])
-    cfg.backfill.input = store.path("in")
+    fixtures.save_models(store, fixtures.profiles(cfg)[0])
     return Ctx(cfg, store)
 
 
 def run_backfill(ctx: Ctx) -> dict:
-    return backfill.backfill(ctx.cfg, ctx.store, "fct")
+    return backfill.backfill(ctx.cfg, ctx.store, "fct", input=ctx.store.path("in"))
 
 
 def good(n: int, start: int = 0) -> dict:
@@ -65,7 +64,7 @@ def good(n: int, start: int = 0) -> dict:
 
 def truncated(ctx: Ctx) -> dict:
     ctx.stored({"part-00000.parquet": good(5), "part-00001.parquet": good(5, 5)})
-    path = f"{ctx.cfg.backfill.input}/part-00001.parquet"
+    path = ctx.store.path("in", "part-00001.parquet")
     ctx.store.write_bytes(path, ctx.store.read_bytes(path)[:200])
     return run_backfill(ctx)
 

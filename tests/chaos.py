@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from moto.server import ThreadedMotoServer
 
-from fct_dist import bench, config
+from fct_dist import config, fixtures
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 
@@ -56,21 +56,21 @@ class Tally:
 
 
 def setup(root: str, rows: int, files: int, *sets: str):
-    """Random-weight tiny artefacts and a stored lake of `rows` ids in `files` files under `root`."""
+    """(cfg, store, stored lake URI): random-weight tiny artefacts and a stored lake of `rows` ids in
+    `files` files under `root`."""
     cfg = config.load(None, [f"storage.root={root}", *sets], preset="tiny")
     store = open_store(cfg.storage)
-    p = bench.profiles(cfg)[0]
-    bench.save_models(store, p)
-    cfg.backfill.input = bench.stored_lake(store, p, rows, -(-rows // files))
-    return cfg, store
+    p = fixtures.profiles(cfg)[0]
+    fixtures.save_models(store, p)
+    return cfg, store, store.uri(fixtures.stored_lake(store, p, rows, -(-rows // files)))
 
 
 def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
     proxy = FaultProxy(endpoint, fraction=fraction, stall_seconds=2.0).start()
     bucket = f"chaos-{uuid.uuid4().hex[:8]}"
-    cfg, store = setup(f"s3://{bucket}/lake", rows, 20, f"storage.s3_endpoint={proxy.url}",
+    cfg, store, stored = setup(f"s3://{bucket}/lake", rows, 20, f"storage.s3_endpoint={proxy.url}",
                        "storage.s3_request_timeout=1")
-    backfill.backfill(cfg, store, "fct")
+    backfill.backfill(cfg, store, "fct", input=stored)
     t.check(f"backfill on S3, {fraction:.0%} faulty requests", store, store.path("embeddings", "fct", "test"), rows)
     built = index.build(cfg, store, "fct", "test")
     assert built["rows"] == rows, built
@@ -94,9 +94,9 @@ def landed_mid_run(what: str, done: int, files: int, store, out: str) -> None:
 
 
 def actor_kill_round(t: Tally, root: str, rows: int) -> None:
-    cfg, store = setup(root, rows, 40, "backfill.batch_size=16", "backfill.num_actors=2")
+    cfg, store, stored = setup(root, rows, 40, "backfill.batch_size=16", "backfill.num_actors=2")
     out, done = store.path("embeddings", "fct", "test"), {}
-    run = threading.Thread(target=lambda: done.update(m=backfill.backfill(cfg, store, "fct")))
+    run = threading.Thread(target=lambda: done.update(m=backfill.backfill(cfg, store, "fct", input=stored)))
     run.start()
     seen = wait_for_files(store, out, 2, run.is_alive)
     victims = processes("RayFileWorker")
@@ -110,9 +110,9 @@ def actor_kill_round(t: Tally, root: str, rows: int) -> None:
 
 
 def driver_kill_round(t: Tally, root: str, rows: int) -> None:
-    cfg, store = setup(root, rows, 40)
+    cfg, store, stored = setup(root, rows, 40)
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", f"backfill.input={cfg.backfill.input}", "--set", "backfill.batch_size=16",
+            "--input", stored, "--set", "backfill.batch_size=16",
             "--set", "backfill.num_actors=1"]
     out = store.path("embeddings", "fct", "test")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -102,13 +102,13 @@ def tiny_transformations(store: Store, names: tuple[str, ...] = ("fct", "fct-b")
     """Random-weight transformations of the tiny preset's dims, one per name (different weights, so
     their outputs differ); all trained, as it were, on stored vectors of versions v-old / v-side.
     Returns the first one's meta."""
-    from fct_dist.models import Transformation
-    arch = {"old_dim": 8, "side_dim": 8, "new_dim": 16, "branch": 16, "hidden": 32, "use_side": True}
+    from fct_dist.models import Transformation, TransformationConfig
+    arch = TransformationConfig(old_dim=8, side_dim=8, new_dim=16, branch=16, hidden=32)
     for k, name in enumerate(names):
         torch.manual_seed(k)
-        registry.save(store, name, Transformation(**arch), {
-            "kind": "transformation", "arch": arch, "dims": TINY_DIMS, "metrics": {}, "fingerprint": "test",
-            "producers": {"old": "v-old", "side": "v-side"}})
+        registry.save(store, name, Transformation(arch), {
+            "kind": "transformation", "arch": arch, "dims": TINY_DIMS, "metrics": {},
+            "producers": {"old": "v-old", "side": "v-side"}}, key="test")
     return registry.read_meta(store, names[0])
 
 

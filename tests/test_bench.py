@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fct_dist import bench, lake
+from fct_dist import bench, fixtures, lake
 from fct_dist.storage import open_store
 
 from .support import read_output
@@ -14,7 +14,7 @@ def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
     cfg = local_cfg()
     store = open_store(cfg.storage)
     r = bench.run(cfg, store)
-    profiles = {p.name: p for p in bench.profiles(cfg)}
+    profiles = {p.name: p for p in fixtures.profiles(cfg)}
     assert set(r["profiles"]) == {"demo", "production"}
     split = f"n{cfg.bench.rows}"
     for name, res in r["profiles"].items():
@@ -23,7 +23,7 @@ def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
         lakes = {"backfill": "fct", bench.IO_JOB: "zero-cost", "re-extraction": "new"}
         for job in [j for j in lakes if j in res]:
             j = res[job]
-            folder = split if job != "re-extraction" else bench.IMAGE_SPLIT
+            folder = split if job != "re-extraction" else fixtures.IMAGE_SPLIT
             (ids_a, emb_a), (ids_b, emb_b) = (read_output(sub, sub.path("embeddings", f"{lakes[job]}-{d}", folder))
                                               for d in bench.DISTRIBUTORS)
             # both distributors wrote every item once, the same ids, and the same vectors (the same engine)

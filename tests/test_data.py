@@ -5,14 +5,14 @@ import pytest
 
 from fct_dist import cli, datasets, lake
 from fct_dist.datasets import demo, synthetic
-from fct_dist.config import Storage
+from fct_dist.config import ConfigError, Storage
 from fct_dist.storage import open_store
 
 
 def test_fct_data_synthetic_end_to_end(tmp_path, capsys):
     root = tmp_path / "root"
     assert cli.main(["data", "--preset", "tiny", "--set", f"storage.root={root}"]) == 0
-    assert "image lake: train 320 rows, test 120 rows" in capsys.readouterr().out
+    assert "image lake: train 320 rows, test 120 rows" in capsys.readouterr().err
     store = open_store(Storage(root=str(root)))
     ids, x, y = lake.read_images(store, "test")
     assert x.shape == (120, 1, 16, 16) and sorted(set(y)) == list(range(8))
@@ -53,7 +53,7 @@ def test_from_folder_without_classes_is_a_clear_error(tmp_path, capsys):
 
 def test_old_classes_are_a_fixed_draw():
     assert datasets.old_classes(list(range(20)), 10, 0) == [2, 3, 4, 6, 8, 10, 11, 13, 16, 19]  # FCT.md
-    with pytest.raises(ValueError, match="num_old_classes=30 but the image lake has only 20"):
+    with pytest.raises(ConfigError, match="num_old_classes=30 but the image lake has only 20"):
         datasets.old_classes(list(range(20)), 30, 0)
 
 
@@ -70,7 +70,7 @@ def test_demo_converter_on_a_slice(tmp_path, local_cfg):
     assert set(labels[:50]) <= set(range(10)) and set(labels[50:]) <= set(range(10, 20))
     assert arrays["test"][0][0] == 100  # ids continue across splits
     store = open_store(cfg.storage)
-    m = lake.write_image_split(store, "train", ids, [lake.encode_png(i) for i in images], labels, 40, {})
+    m = lake.write_image_split(store, "train", ids, [lake.encode_png(i) for i in images], labels, 40, {}, "test")
     assert m["rows"] == 100 and len(m["files"]) == 3
     _, x, _ = lake.read_images(store, "train")
     np.testing.assert_array_equal(x[:, 0], images)

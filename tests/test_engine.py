@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from fct_dist import lake
+from fct_dist import lake, layout
 from fct_dist.lake import LakeError
 from fct_dist.lease import LEASE, Lease, LeaseHeld, LeaseLost
 from fct_dist.pipeline import backfill, distribute
@@ -34,16 +34,20 @@ LOCAL = ("backfill.distributor=local",)
 
 @pytest.fixture
 def engine(any_cfg):
-    """(cfg, store, meta): random-weight transformations fct and fct-b, backfill.input = in/."""
+    """(cfg, store, meta): random-weight transformations fct and fct-b; the stored lake goes to in/."""
     cfg = any_cfg(*LOCAL)
     store = open_store(cfg.storage)
     meta = tiny_transformations(store)
-    cfg.backfill.input = store.path("in")
     return cfg, store, meta
 
 
 def out_dir(store):
-    return store.path("embeddings", "fct", "test")
+    return layout.embeddings(store, "fct", "test")
+
+
+def backfill_in(cfg, store, h_name: str = "fct", **kw) -> dict:
+    """Backfill in/ (the stored lake of these tests) with models/{h_name}."""
+    return backfill.backfill(cfg, store, h_name, "test", input=store.uri(store.path("in")), **kw)
 
 
 def assert_backfilled(store, h_name: str, stored: str, out: str) -> None:
@@ -56,28 +60,28 @@ def assert_backfilled(store, h_name: str, stored: str, out: str) -> None:
 
 def test_a_lake_regenerated_under_the_same_names_is_mapped_again(engine):
     cfg, store, meta = engine
-    id_lake(store, cfg.backfill.input, meta, files=3, rows_per_file=50)
-    backfill.backfill(cfg, store)
-    store.delete(cfg.backfill.input)  # other ids under the same names, and one file fewer
-    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=50, seed=1, first_id=1000)
-    m = backfill.backfill(cfg, store)
-    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+    id_lake(store, store.path("in"), meta, files=3, rows_per_file=50)
+    backfill_in(cfg, store)
+    store.delete(store.path("in"))  # other ids under the same names, and one file fewer
+    id_lake(store, store.path("in"), meta, files=2, rows_per_file=50, seed=1, first_id=1000)
+    m = backfill_in(cfg, store)
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))
     assert m["files"] == ["part-00000.parquet", "part-00001.parquet"] == [
         p.rsplit("/", 1)[1] for p in store.list(out_dir(store), ".parquet")]  # the gone input's output is gone
     assert m["summary"]["files_mapped_this_run"] == 2
     # the same ids and sizes, other vectors: size and names alone cannot tell, the footer and mtime can
-    before = store.fs.get_file_info(f"{cfg.backfill.input}/part-00001.parquet").size
-    write_stored(store, cfg.backfill.input, {"part-00001.parquet": {"ids": list(range(1050, 1100))}}, meta, seed=7)
-    assert store.fs.get_file_info(f"{cfg.backfill.input}/part-00001.parquet").size == before
-    m = backfill.backfill(cfg, store)
+    before = store.fs.get_file_info(f"{store.path('in')}/part-00001.parquet").size
+    write_stored(store, store.path("in"), {"part-00001.parquet": {"ids": list(range(1050, 1100))}}, meta, seed=7)
+    assert store.fs.get_file_info(f"{store.path('in')}/part-00001.parquet").size == before
+    m = backfill_in(cfg, store)
     assert m["summary"]["files_mapped_this_run"] == 1
-    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))
 
 
 def test_readers_of_a_finished_lake_read_the_files_its_manifest_lists(engine):
     cfg, store, meta = engine
-    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=10)
-    backfill.backfill(cfg, store)
+    id_lake(store, store.path("in"), meta, files=2, rows_per_file=10)
+    backfill_in(cfg, store)
     write_stored(store, out_dir(store), {"part-99999.parquet": {"ids": [5]}}, meta)  # a stray file, not committed
     ids, _ = read_output(store, out_dir(store))  # id 5 twice would raise here
     np.testing.assert_array_equal(ids, np.arange(20))
@@ -85,29 +89,28 @@ def test_readers_of_a_finished_lake_read_the_files_its_manifest_lists(engine):
 
 def test_outputs_of_another_model_version_are_replaced(engine):
     cfg, store, meta = engine
-    id_lake(store, cfg.backfill.input, meta, files=3, rows_per_file=20)
-    cfg.backfill.output = out_dir(store)
-    backfill.backfill(cfg, store, "fct-b")
-    m = backfill.backfill(cfg, store, "fct")
+    id_lake(store, store.path("in"), meta, files=3, rows_per_file=20)
+    backfill_in(cfg, store, "fct-b", output=store.uri(out_dir(store)))
+    m = backfill_in(cfg, store, "fct", output=store.uri(out_dir(store)))
     assert m["summary"]["files_mapped_this_run"] == 3
-    assert_backfilled(store, "fct", cfg.backfill.input, out_dir(store))
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))
     assert {lake.producer_of(lake.read_schema(store, p))["emb"]["model"] for p in lake.parts(store, out_dir(store))} == {"fct"}
 
 
 def test_rerun_of_a_finished_job_writes_nothing(engine, caplog):
     cfg, store, meta = engine
-    id_lake(store, cfg.backfill.input, meta, files=2, rows_per_file=20)
-    backfill.backfill(cfg, store)
+    id_lake(store, store.path("in"), meta, files=2, rows_per_file=20)
+    backfill_in(cfg, store)
     before = {i.path: i.mtime_ns for i in store.list_info(out_dir(store), hidden=True)}
     with caplog.at_level("INFO", logger="fct_dist"):
-        backfill.backfill(cfg, store)
+        backfill_in(cfg, store)
     assert "is complete and current: nothing to do" in caplog.text
     assert {i.path: i.mtime_ns for i in store.list_info(out_dir(store), hidden=True)} == before
 
 
-def cli(root, *sets: str, endpoint: str | None = None) -> list[str]:
+def cli(root, *args: str, endpoint: str | None = None) -> list[str]:
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            *(x for s in (*LOCAL, *sets) for x in ("--set", s))]
+            *(x for s in LOCAL for x in ("--set", s)), *args]
     return args + (["--set", f"storage.s3_endpoint={endpoint}"] if endpoint else [])
 
 
@@ -116,7 +119,7 @@ def test_a_second_run_on_the_same_output_fails_fast_naming_the_first(local_cfg):
     store = open_store(cfg.storage)
     meta = tiny_transformations(store)
     id_lake(store, store.path("in"), meta, files=30, rows_per_file=2000)
-    common = (f"backfill.input={store.path('in')}", f"backfill.output={out_dir(store)}", "backfill.batch_size=16")
+    common = ("--input", store.uri(store.path("in")), "--output", store.uri(out_dir(store)), "--set", "backfill.batch_size=16")
     first = subprocess.Popen(cli(cfg.storage.root, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not store.list(out_dir(store), ".parquet"):
@@ -176,9 +179,9 @@ def test_conditional_writes_let_one_of_two_writers_win(any_cfg):
 
 def test_a_run_whose_lease_is_taken_over_does_not_commit(engine):
     cfg, store, meta = engine
-    id_lake(store, cfg.backfill.input, meta, files=20, rows_per_file=2000)
+    id_lake(store, store.path("in"), meta, files=20, rows_per_file=2000)
     cfg.backfill.batch_size, cfg.backfill.lease_seconds, errors = 16, 2.0, []  # a heartbeat every 0.5 s
-    run = threading.Thread(target=lambda: errors.append(pytest.raises(LeaseLost, backfill.backfill, cfg, store)))
+    run = threading.Thread(target=lambda: errors.append(pytest.raises(LeaseLost, backfill_in, cfg, store)))
     run.start()
     path, deadline = f"{out_dir(store)}/{LEASE}", time.time() + 60
     while time.time() < deadline and not store.list(out_dir(store), ".parquet"):
@@ -206,9 +209,8 @@ def test_a_kill_during_the_clear_never_leaves_a_file_of_another_producer(where, 
     meta = tiny_transformations(store)
     files = 12
     id_lake(store, store.path("in"), meta, files=files, rows_per_file=10)
-    cfg.backfill.input, cfg.backfill.output = store.path("in"), out_dir(store)
-    backfill.backfill(cfg, store, "fct-b")
-    common = (f"backfill.input={store.path('in')}", f"backfill.output={out_dir(store)}")
+    backfill_in(cfg, store, "fct-b", output=store.uri(out_dir(store)))
+    common = ("--input", store.uri(store.path("in")), "--output", store.uri(out_dir(store)))
     proxy = None
     if where == "local":
         args = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlink,unlinkat",
@@ -247,9 +249,8 @@ def test_a_storage_fault_in_the_footer_scan_stops_the_job(s3_cfg, s3_endpoint):
     proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"in/part-00001\.parquet", fail_first=1).start()
     try:
         cfg = make_cfg(f"s3://{direct.root}", *LOCAL, "storage.s3_max_attempts=1", endpoint=proxy.url)
-        cfg.backfill.input = direct.path("in")
         with pytest.raises(StorageError, match=r"cannot read s3://.*/in/part-00001\.parquet"):
-            backfill.backfill(cfg, open_store(cfg.storage))
+            backfill_in(cfg, open_store(cfg.storage))
         assert proxy.counts["fail"] == 1
     finally:
         proxy.stop()
@@ -266,8 +267,7 @@ class DropsARow:  # a batch function with a bug: one vector fewer than good rows
         return np.zeros(rb.num_rows, bool), [], {"emb": np.zeros((rb.num_rows - 1, 16), np.float32)}
 cfg = config.load(None, [f"storage.root={sys.argv[1]}", "backfill.distributor=local"], preset="tiny")
 store = open_store(cfg.storage)
-cfg.backfill.input = store.path("in")
-job = backfill.backfill_job(cfg, store)
+job = backfill.backfill_job(cfg, store, input=store.path("in"))
 job.make_fn = DropsARow
 distribute.run(cfg, job)
 """
@@ -303,8 +303,7 @@ def test_a_poison_file_is_retried_a_bounded_number_of_times(ray_local, local_cfg
     store = open_store(cfg.storage)
     meta = tiny_transformations(store)
     id_lake(store, store.path("in"), meta, files=4, rows_per_file=25)
-    cfg.backfill.input = store.path("in")
-    job = backfill.backfill_job(cfg, store)
+    job = backfill.backfill_job(cfg, store, input=store.uri(store.path("in")))
     job = dataclasses.replace(job, make_fn=functools.partial(KillsItsWorker, 60, job.make_fn))  # 60: part-00002
     if policy == "fail":
         with pytest.raises(LakeError, match=r"in/part-00002\.parquet: killed its worker 2 times"):

@@ -50,9 +50,9 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
     cfg = local_cfg("backfill.batch_size=16", "backfill.num_actors=2")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
-    cfg.backfill.input = big_lake(store, registry.read_meta(store, "fct"))
+    stored = big_lake(store, registry.read_meta(store, "fct"))
     out, result = store.path("embeddings", "fct", "test"), {}
-    run = threading.Thread(target=lambda: result.update(m=backfill.backfill(cfg, store, "fct")))
+    run = threading.Thread(target=lambda: result.update(m=backfill.backfill(cfg, store, "fct", input=stored)))
     run.start()
     deadline = time.time() + 120
     while time.time() < deadline and len(store.list(out, ".parquet")) < 2:
@@ -64,7 +64,7 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
     assert "m" in result, "the backfill did not finish after its actor was killed"
     assert 2 <= done_at_kill < FILES, "the kill did not land mid-run"
     assert not victim.is_running() and "a worker died while mapping" in caplog.text  # its files were retried
-    exactly_once(store, out, cfg.backfill.input)
+    exactly_once(store, out, stored)
 
 
 def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path):
@@ -168,10 +168,10 @@ def confined(script: str) -> subprocess.CompletedProcess:
     return subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
 
 
-def backfill_cmd(root, *sets: str) -> str:
+def backfill_cmd(root, *args: str) -> str:
     """`fct backfill` on the local distributor (no Ray inside the namespace: what fails is the disk)."""
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", "backfill.distributor=local", *(x for s in sets for x in ("--set", s))]
+            "--set", "backfill.distributor=local", *args]
     return " ".join(args)
 
 
@@ -184,7 +184,7 @@ def test_full_disk_fails_clearly_and_marks_nothing_done(trained, tmp_path):
     root.mkdir()
     out = f"{root}/embeddings/fct/test"
     r = confined(f"mount -t tmpfs -o size={used // 2**20 + 2}m none {root} && cp -a {tmp_path}/src/. {root}/ && "
-                 f"{backfill_cmd(root, 'backfill.input=' + big.replace(str(tmp_path / 'src'), str(root)))}; "
+                 f"{backfill_cmd(root, '--input', big.replace(str(tmp_path / 'src'), str(root)))}; "
                  f"echo rc=$?; echo manifests: $(find {out} -name _manifest.json); echo tmp: $(find {root} -name '*.tmp')")
     assert "rc=2" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "No space left on device" in r.stderr and f"cannot write {out}/part-" in r.stderr, r.stderr[-3000:]
@@ -202,7 +202,7 @@ def test_denied_output_directory_fails_clearly_and_writes_nothing(trained, tmp_p
         os.chown(denied, 12345, 12345)  # unmapped in the namespace below: its root gets no override
     else:
         denied.chmod(0o555)
-    r = confined(f"{backfill_cmd(root, f'backfill.output={denied}/fct')}; echo rc=$?")
+    r = confined(f"{backfill_cmd(root, '--output', f'{denied}/fct')}; echo rc=$?")
     assert "rc=2" in r.stdout, r.stdout + r.stderr[-3000:]
     assert f"cannot write {denied}/fct/_lease.json" in r.stderr and "Permission denied" in r.stderr, r.stderr[-3000:]
     assert not any(denied.iterdir())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fct_dist import losses
-from fct_dist.models import Classifier, ResNet, Transformation
+from fct_dist.models import (Classifier, ClassifierConfig, ResNet, ResNetConfig, Transformation,
+                              TransformationConfig)
 
 
 def test_nt_xent_of_identical_views_has_the_closed_form_value():
@@ -42,14 +43,14 @@ def test_mse_of_an_exact_transformation_is_zero():
 
 def test_transformation_reference_size():
     """FCT.md: ~5.7 M parameters for 128/128 -> 128 with branch 256, hidden 2048."""
-    h = Transformation(128, 128, 128, branch=256, hidden=2048)
+    h = Transformation(TransformationConfig(128, 128, 128, branch=256, hidden=2048))
     n = sum(p.numel() for p in h.parameters())
     assert 5.5e6 < n < 5.9e6
     assert h(torch.randn(4, 128), torch.randn(4, 128)).shape == (4, 128)
 
 
 def test_resnet_shapes_and_nonnegative_embedding():
-    m = Classifier(ResNet(1, 8, [1, 1, 1], 32), 32, 10)
+    m = Classifier(ClassifierConfig(ResNetConfig(1, 8, [1, 1, 1], 32), 10))
     emb, logits = m(torch.randint(0, 255, (3, 1, 28, 28), dtype=torch.uint8))
     assert emb.shape == (3, 32) and logits.shape == (3, 10)
     assert (emb >= 0).all()  # ReLU then average pooling, as in FCT's backbones
@@ -60,7 +61,8 @@ def fit_h(use_side: bool, data: dict, epochs=300) -> float:
     """Train h on data["train"]; relative MSE (1.0 = predicting the mean) on held-out data["test"]."""
     old, side, new = data["train"]
     torch.manual_seed(0)
-    h = Transformation(old.shape[1], side.shape[1], new.shape[1], branch=32, hidden=64, use_side=use_side)
+    h = Transformation(TransformationConfig(old.shape[1], side.shape[1], new.shape[1], branch=32, hidden=64,
+                                            use_side=use_side))
     opt = torch.optim.Adam(h.parameters(), lr=3e-3)
     for _ in range(epochs):
         loss = losses.transformation(h(old, side), new)
@@ -89,7 +91,7 @@ def test_transformation_learns_and_side_info_carries_what_old_lacks():
 def test_resnet50_layout_has_torchvisions_parameter_count():
     """torchvision's resnet50 without its fc has 23,508,032 parameters; the 128-d projection (1x1 conv
     2048->128 + BatchNorm) adds 262,144 + 256."""
-    m = ResNet(3, 64, [3, 4, 6, 3], 128, bottleneck=True, imagenet=True).eval()
+    m = ResNet(ResNetConfig(3, 64, [3, 4, 6, 3], 128, bottleneck=True, imagenet=True)).eval()
     assert sum(p.numel() for p in m.parameters()) == 23_508_032 + 262_144 + 256
     with torch.no_grad():
         assert m(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 128)

@@ -92,14 +92,14 @@ def test_quarantine_accounts_for_every_row(trained, local_cfg, caplog):
     cfg = local_cfg("backfill.on_bad_input=quarantine", "backfill.distributor=local")
     store = open_store(cfg.storage)
     copy_tree(trained[1], store, "models")
-    cfg.backfill.input = bad_lake(store, registry.read_meta(store, "fct"))
+    stored = bad_lake(store, registry.read_meta(store, "fct"))
     with caplog.at_level("INFO", logger="fct_dist"):
-        m = backfill.backfill(cfg, store, "fct")
+        m = backfill.backfill(cfg, store, "fct", input=store.uri(stored))
     s = m["summary"]
     assert s["rows_in"] == 3 + 3 + 3 + 2 + 0 + 2  # rows of the files whose row count is known
     assert s["rows_rejected"] == 1 + 1 + 1 + 2  # NaN row, repeated id, id 2 again, the all-inf file
     assert s["rows_out"] + s["rows_rejected"] == s["rows_in"]
-    truncated = store.uri(f"{cfg.backfill.input}/part-00005.parquet")
+    truncated = store.uri(f"{stored}/part-00005.parquet")
     assert s["files_quarantined"] == 1 and s["rows_unknown_files"] == [truncated]  # its footer is gone
     (why,) = s["quarantined"].values()
     assert "row count unknown" in why
@@ -125,14 +125,12 @@ def test_wrong_dims_or_producer_fail_before_any_work(trained, local_cfg):
     meta = registry.read_meta(store, "fct")
     wrong = dict(meta, dims=dict(meta["dims"], old=meta["dims"]["old"] + 1))
     write_stored(store, store.path("dims"), {"part-00000.parquet": {"ids": [1, 2]}}, wrong)
-    cfg.backfill.input = store.path("dims")
     with pytest.raises(LakeError, match=r"part-00000.parquet: column 'old' has dim 9; expected 8"):
-        backfill.backfill(cfg, store, "fct")
+        backfill.backfill(cfg, store, "fct", input=store.uri(store.path("dims")))
     other = dict(meta, producers=dict(meta["producers"], side="0123456789abcdef"))
     write_stored(store, store.path("prod"), {"part-00000.parquet": {"ids": [1, 2]}}, other)
-    cfg.backfill.input = store.path("prod")
     with pytest.raises(LakeError, match=r"column 'side' was produced by model version '0123456789abcdef'"):
-        backfill.backfill(cfg, store, "fct")
+        backfill.backfill(cfg, store, "fct", input=store.uri(store.path("prod")))
     out = store.path("embeddings", "fct", "test")
     assert not store.list(out, ".parquet") and not store.has_manifest(out)
 
@@ -146,7 +144,7 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
     copy_tree(src, store, "models")
     id_lake(store, store.path("big"), registry.read_meta(store, "fct"), files=40, rows_per_file=3000)
     args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", f"backfill.input={store.path('big')}", "--set", "backfill.batch_size=16",
+            "--input", store.path("big"), "--set", "backfill.batch_size=16",
             "--set", "backfill.num_actors=1"]
     out = store.path("embeddings", "fct", "test")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -177,7 +175,7 @@ def test_undecodable_image_is_quarantined_by_id(trained, local_cfg):
     table = lake.read_part(src, good, {"id": pa.int64()})
     images = table["image"].to_pylist()
     images[3] = b"\x89PNG broken"
-    lake.write_image_split(store, "test", table["id"].to_numpy(), images, table["label"].to_numpy(), 1000, {})
+    lake.write_image_split(store, "test", table["id"].to_numpy(), images, table["label"].to_numpy(), 1000, {}, "test")
     m = extract.extract(cfg, store, "test", {"old": "old"}, "probe")
     assert (m["summary"]["rows_in"], m["summary"]["rows_out"], m["summary"]["rows_rejected"]) == (100, 99, 1)
     rejected = lake.read_lake(store, store.path("rejected", "probe", "test"), {"id": pa.int64(), "reason": pa.string()})

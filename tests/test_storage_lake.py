@@ -22,7 +22,7 @@ def test_image_lake_round_trip(any_cfg):
     labels = np.array([0, 1, 2, 1, 0], np.int32)
     images = synthetic.generate(labels, 16, 1, seed=0)
     m = lake.write_image_split(store, "train", np.arange(5), [lake.encode_png(i) for i in images], labels, 2,
-                               {"source": "test"})
+                               {"source": "test"}, "test")
     assert m["rows"] == 5 and m["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert m["labels"] == [0, 1, 2] and m["image_shape"] == [1, 16, 16]
     assert store.manifest(store.path("images", "train"))["rows"] == 5

@@ -47,11 +47,12 @@ def test_artefact_meta_records_what_the_stage_saw(trained):
     assert 0 <= old["metrics"]["test_accuracy_old_classes"] <= 1
 
 
-def test_rerun_of_a_current_stage_is_skipped(ray_local, trained, capsys):
+def test_rerun_of_a_current_stage_is_skipped(ray_local, trained, caplog):
     cfg, store, _ = trained
     before = registry.read_meta(store, "old")
-    assert stages.train_old(cfg, store) == before
-    assert "[old] up to date" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="fct_dist"):
+        assert stages.train_old(cfg, store) == before
+    assert "[old] up to date" in caplog.text
 
 
 def test_meta_mismatch_and_tampering_are_refused(trained, tmp_path):

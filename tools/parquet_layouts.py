@@ -47,7 +47,7 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((a.rows, a.dim), np.float32)
     table = pa.table({"id": pa.array(np.arange(a.rows)),
                       "emb": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), a.dim)})
-    print(f"| layout | bytes / row | write rows/s | read rows/s |\n|---|---|---|---|")
+    print("| layout | bytes / row | write rows/s | read rows/s |\n|---|---|---|---|")
     for name, opts in LAYOUTS.items():
         def write():
             sink = pa.BufferOutputStream()

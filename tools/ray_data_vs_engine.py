@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.checkpoint import CheckpointConfig
 
-from fct_dist import bench, config
+from fct_dist import bench, config, fixtures, measure
 from fct_dist.pipeline import distribute
 from fct_dist.storage import open_store
 
@@ -51,9 +51,9 @@ def main() -> None:
     a = ap.parse_args()
     cfg = config.load(None, [f"storage.root={a.root}"])
     store = open_store(cfg.storage)
-    p = bench.profiles(cfg)[1]  # production dims: 128 + 128 in, 128 out
-    bench.save_models(store, p)
-    stored = bench.stored_lake(store, p, a.rows, 100_000)
+    p = fixtures.profiles(cfg)[1]  # production dims: 128 + 128 in, 128 out
+    fixtures.save_models(store, p)
+    stored = fixtures.stored_lake(store, p, a.rows, 100_000)
     files = store.list(stored, ".parquet")
     ray.init(address="local", num_cpus=2, log_to_driver=False)
     for rep in range(2):  # the first round warms the page cache and the worker pool
@@ -63,7 +63,7 @@ def main() -> None:
             shutil.rmtree(f"{a.root}/ck", ignore_errors=True)
             if name == "engine":
                 job = bench.backfill_job(cfg, store, f"n{a.rows}", "engine")
-                job = dataclasses.replace(job, make_fn=bench.ZeroCost, out_dir=out)
+                job = dataclasses.replace(job, make_fn=measure.ZeroCost, out_dir=out)
                 t0 = time.time()
                 s = distribute.run(cfg, job)["summary"]
                 wall = a.rows / (time.time() - t0)

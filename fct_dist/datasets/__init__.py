@@ -1,20 +1,23 @@
 """Sources that fill the image lake: the demo data, a synthetic generator, a user's own folder."""
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
-from .. import lake
-from ..config import Config, digest
+from .. import currency, lake, layout
+from ..config import Config, ConfigError, digest
 from ..storage import Store
 from . import demo, folder, synthetic
+
+log = logging.getLogger(__name__)
 
 
 def old_classes(labels: list[int], k: int, seed: int) -> list[int]:
     """The classes the old model knows: k of the lake's labels drawn with a fixed seed."""
     if k > len(labels):
-        raise ValueError(f"data.num_old_classes={k} but the image lake has only {len(labels)} classes")
+        raise ConfigError(f"data.num_old_classes={k} but the image lake has only {len(labels)} classes")
     return sorted(int(labels[i]) for i in np.random.default_rng(seed).permutation(len(labels))[:k])
 
 
@@ -23,18 +26,16 @@ def data_digest(cfg: Config) -> str:
     return digest({k: v for k, v in cfg.to_dict()["data"].items() if k != "cache_dir"})
 
 
-def is_current(cfg: Config, store: Store) -> bool:
-    return all(store.has_manifest(store.path("images", s)) and
-               store.manifest(store.path("images", s))["producer"].get("config") == data_digest(cfg)
-               for s in ("train", "test"))
-
-
-def fill(cfg: Config, store: Store, limit: int | None = None) -> dict[str, dict]:
-    """Fill images/{train,test}/ from `data.source`; returns the manifests by split."""
-    d, t0 = cfg.data, time.time()
+def fill(cfg: Config, store: Store, limit: int | None = None, force: bool = False) -> dict[str, dict]:
+    """Fill images/{train,test}/ from `data.source` unless they are current; returns the manifests by split."""
+    d, t0, key = cfg.data, time.time(), data_digest(cfg) + (f"-limit{limit}" if limit else "")
+    done = {s: currency.current(store, layout.images(store, s), key) for s in layout.SPLITS}
+    if not force and all(done.values()):
+        log.info("[data] image lake %s is current: skipped", store.uri(layout.images(store, "")))
+        return done
     if d.source == "folder":
         if not d.folder:
-            raise ValueError("data.source=folder needs data.folder=DIR (one sub-folder per class)")
+            raise ConfigError("data.source=folder needs data.folder=DIR (one sub-folder per class)")
         splits, names = folder.load(d.folder, d.test_fraction, d.synthetic.seed)
         producer = {"source": "folder", "folder": d.folder, "class_names": names}
     else:
@@ -48,11 +49,9 @@ def fill(cfg: Config, store: Store, limit: int | None = None) -> dict[str, dict]
                                     s.channels, s.seed)
             producer = {"source": "synthetic"} | vars(s)
         splits = {k: (ids, [lake.encode_png(im) for im in imgs], labels) for k, (ids, imgs, labels) in arrays.items()}
-    producer["config"] = data_digest(cfg)
-    out = {split: lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer)
+    out = {split: lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer, key)
            for split, (ids, images, labels) in splits.items()}
     sizes = ", ".join(f"{k} {m['rows']} rows" for k, m in out.items())
-    print(f"image lake: {sizes}, "
-          f"{len(out['train']['labels'])} classes, written to {store.uri(store.path('images'))} "
-          f"in {time.time() - t0:.1f} s")
+    log.info("[data] image lake: %s, %d classes, written to %s in %.1f s", sizes, len(out["train"]["labels"]),
+             store.uri(layout.images(store, "")), time.time() - t0)
     return out

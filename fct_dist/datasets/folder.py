@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ConfigError
+
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -15,12 +17,12 @@ def load(root: str | Path, test_fraction: float, seed: int) -> tuple[dict[str, t
         raise FileNotFoundError(f"data.folder {root}: not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"data.folder {root}: no class sub-folders; expected DIR/<class>/*.png|jpg")
+        raise ConfigError(f"data.folder {root}: no class sub-folders; expected DIR/<class>/*.png|jpg")
     files, labels = [], []
     for c, name in enumerate(classes):
         found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in SUFFIXES)
         if not found:
-            raise ValueError(f"data.folder {root / name}: no .png/.jpg/.jpeg images")
+            raise ConfigError(f"data.folder {root / name}: no .png/.jpg/.jpeg images")
         files += found
         labels += [c] * len(found)
     order = np.random.default_rng(seed).permutation(len(files))

@@ -1,9 +1,33 @@
 """ResNet backbones: the old, new and BCT models, and the side-info encoder."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class ResNetConfig:
+    in_channels: int = 1
+    width: int = 16  # channels of the first stage
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])  # blocks per stage
+    emb_dim: int = 128
+    bottleneck: bool = False  # ResNet-50's 1x1-3x3-1x1 blocks (x4 channels)
+    imagenet: bool = False  # the 224-px stem: 7x7/2 conv + max-pool
+
+
+@dataclass
+class ClassifierConfig:
+    backbone: ResNetConfig
+    num_classes: int
+
+
+@dataclass
+class SimCLRConfig:
+    backbone: ResNetConfig
+    proj_dim: int = 64
 
 
 class Block(nn.Module):
@@ -47,20 +71,20 @@ class ResNet(nn.Module):
     stages after the first halve the resolution. `imagenet=True` is the 224-px layout (7x7/2 stem +
     max-pool); with bottleneck blocks, width 64 and blocks [3, 4, 6, 3] it is ResNet-50."""
 
-    def __init__(self, in_channels: int, width: int, blocks: list[int], emb_dim: int, bottleneck: bool = False,
-                 imagenet: bool = False):
+    def __init__(self, c: ResNetConfig):
         super().__init__()
-        stem = [nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)] if imagenet else [
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)]
-        self.stem = nn.Sequential(*stem, nn.BatchNorm2d(width), nn.ReLU(), *([nn.MaxPool2d(3, 2, 1)] if imagenet else []))
-        block, grow = (Bottleneck, 4) if bottleneck else (Block, 1)
+        width = c.width
+        stem = [nn.Conv2d(c.in_channels, width, 7, 2, 3, bias=False)] if c.imagenet else [
+            nn.Conv2d(c.in_channels, width, 3, 1, 1, bias=False)]
+        self.stem = nn.Sequential(*stem, nn.BatchNorm2d(width), nn.ReLU(), *([nn.MaxPool2d(3, 2, 1)] if c.imagenet else []))
+        block, grow = (Bottleneck, 4) if c.bottleneck else (Block, 1)
         layers, cin = [], width
-        for i, n in enumerate(blocks):
+        for i, n in enumerate(c.blocks):
             cout = width * 2 ** i * grow
             layers += [block(cin if j == 0 else cout, cout, 2 if i > 0 and j == 0 else 1) for j in range(n)]
             cin = cout
         self.stages = nn.Sequential(*layers)
-        self.proj = nn.Sequential(nn.Conv2d(cin, emb_dim, 1, bias=False), nn.BatchNorm2d(emb_dim), nn.ReLU())
+        self.proj = nn.Sequential(nn.Conv2d(cin, c.emb_dim, 1, bias=False), nn.BatchNorm2d(c.emb_dim), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.to(self.stem[0].weight.dtype) / 255.0 - 0.5) / 0.25  # uint8 -> the weights' dtype (bf16 on GPU)
@@ -70,10 +94,10 @@ class ResNet(nn.Module):
 class Classifier(nn.Module):
     """Backbone + bias-free linear classifier; forward returns (embedding, logits)."""
 
-    def __init__(self, backbone: ResNet, emb_dim: int, num_classes: int):
+    def __init__(self, c: ClassifierConfig):
         super().__init__()
-        self.backbone = backbone
-        self.fc = nn.Linear(emb_dim, num_classes, bias=False)
+        self.backbone = ResNet(c.backbone)
+        self.fc = nn.Linear(c.backbone.emb_dim, c.num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.backbone(x)
@@ -83,10 +107,10 @@ class Classifier(nn.Module):
 class SimCLR(nn.Module):
     """Backbone + projection head for the contrastive loss; the head is dropped after training."""
 
-    def __init__(self, backbone: ResNet, emb_dim: int, proj_dim: int):
+    def __init__(self, c: SimCLRConfig):
         super().__init__()
-        self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.ReLU(), nn.Linear(emb_dim, proj_dim))
+        self.backbone, d = ResNet(c.backbone), c.backbone.emb_dim
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c.proj_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -1,9 +1,11 @@
 """Versioned model artefacts: models/{name}/model.pt (state_dict) + meta.json.
 
 The version is the SHA-256 of model.pt; loading verifies it, loads with `weights_only=True`, and
-refuses an artefact whose meta does not match what the caller expects."""
+refuses an artefact whose meta does not match what the caller expects. meta.json records the
+artefact's kind and its typed architecture config (as a dict), from which `build` rebuilds it."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import time
@@ -11,24 +13,36 @@ import time
 import torch
 import torch.nn as nn
 
+from .. import currency, layout
 from ..storage import Store
-from .backbone import Classifier, ResNet
-from .transformation import Transformation
+from .backbone import Classifier, ClassifierConfig, ResNet, ResNetConfig
+from .transformation import Transformation, TransformationConfig
+
+META = "meta.json"
 
 
 class ArtefactError(ValueError):
     """A missing, tampered or mismatching model artefact."""
 
 
+def arch_config(kind: str, arch: dict) -> ClassifierConfig | ResNetConfig | TransformationConfig:
+    """The typed config of the `arch` recorded in meta.json for an artefact of this kind."""
+    try:
+        if kind == "classifier":
+            return ClassifierConfig(ResNetConfig(**arch["backbone"]), arch["num_classes"])
+        if kind == "encoder":
+            return ResNetConfig(**arch)
+        if kind == "transformation":
+            return TransformationConfig(**arch)
+    except (TypeError, KeyError) as e:
+        raise ArtefactError(f"{kind} arch {arch} does not match its config ({e})") from None
+    raise ArtefactError(f"unknown artefact kind {kind!r}; expected classifier, encoder or transformation")
+
+
 def build(kind: str, arch: dict) -> nn.Module:
     """Rebuild an untrained module from the `kind` and `arch` recorded in meta.json."""
-    if kind == "classifier":
-        return Classifier(ResNet(**arch["backbone"]), arch["backbone"]["emb_dim"], arch["num_classes"])
-    if kind == "encoder":
-        return ResNet(**arch)
-    if kind == "transformation":
-        return Transformation(**arch)
-    raise ArtefactError(f"unknown artefact kind {kind!r}; expected classifier, encoder or transformation")
+    c = arch_config(kind, arch)
+    return {"classifier": Classifier, "encoder": ResNet, "transformation": Transformation}[kind](c)
 
 
 def embedder(kind: str, module: nn.Module) -> nn.Module:
@@ -37,28 +51,34 @@ def embedder(kind: str, module: nn.Module) -> nn.Module:
 
 
 def exists(store: Store, name: str) -> bool:
-    return store.exists(store.path("models", name, "meta.json"))
+    return store.exists(f"{layout.model(store, name)}/{META}")
 
 
-def save(store: Store, name: str, module: nn.Module, meta: dict) -> dict:
-    """Write model.pt, then meta.json (its presence marks the artefact complete); returns the meta."""
+def current(store: Store, name: str, key: str) -> dict | None:
+    """The meta of models/{name} when it was made for `key`, else None."""
+    return currency.current(store, layout.model(store, name), key, META)
+
+
+def save(store: Store, name: str, module: nn.Module, meta: dict, key: str) -> dict:
+    """Write model.pt, then meta.json (its presence marks the artefact complete); returns the meta.
+    `meta["arch"]` is the module's typed config."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
     data = buf.getvalue()
-    meta = meta | {"name": name, "version": hashlib.sha256(data).hexdigest()[:16],
+    meta = meta | {"name": name, "arch": dataclasses.asdict(meta["arch"]),
+                   "version": hashlib.sha256(data).hexdigest()[:16],
                    "params": sum(p.numel() for p in module.parameters()),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.write_bytes(store.path("models", name, "model.pt"), data)
-    store.write_json(store.path("models", name, "meta.json"), meta)
-    return meta
+    directory = layout.model(store, name)
+    store.write_bytes(f"{directory}/model.pt", data)
+    return currency.commit(store, directory, key, meta, META)
 
 
 def read_meta(store: Store, name: str) -> dict:
-    path = store.path("models", name, "meta.json")
-    if not store.exists(path):
-        raise ArtefactError(f"model artefact {store.uri(store.path('models', name))} not found: "
-                            f"train it first (fct train-...)")
-    return store.read_json(path)
+    directory = layout.model(store, name)
+    if not store.exists(f"{directory}/{META}"):
+        raise ArtefactError(f"model artefact {store.uri(directory)} not found: train it first (fct train-...)")
+    return store.read_json(f"{directory}/{META}")
 
 
 def check(meta: dict, expect: dict, where: str) -> None:
@@ -74,9 +94,10 @@ def check(meta: dict, expect: dict, where: str) -> None:
 def load(store: Store, name: str, expect: dict | None = None) -> tuple[nn.Module, dict]:
     """Load models/{name}: verify its hash and expected meta, rebuild it, load weights (weights_only)."""
     meta = read_meta(store, name)
-    where = store.uri(store.path("models", name))
+    directory = layout.model(store, name)
+    where = store.uri(directory)
     check(meta, expect or {}, where)
-    data = store.read_bytes(store.path("models", name, "model.pt"))
+    data = store.read_bytes(f"{directory}/model.pt")
     if hashlib.sha256(data).hexdigest()[:16] != meta["version"]:
         raise ArtefactError(f"{where}/model.pt: hash does not match meta version {meta['version']} "
                             "(tampered or partly written artefact)")

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .. import lake
+from .. import lake, layout
 from ..config import Columns, Config, digest
 from ..lake import LakeError
+from ..layout import FCT, STORED
 from ..models import registry
 from ..storage import Store
 from . import filemap
@@ -49,12 +50,14 @@ class TransformFn:
         return invalid, reasons, {c.out: out.float().cpu().numpy()}
 
 
-def backfill_job(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> filemap.FileJob:
-    """The backfill of the stored lake by models/{h_name} into embeddings/{h_name}/{split}, verified:
-    a tampered or mismatching artefact fails here, before any worker starts."""
+def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
+                 output: str | None = None) -> filemap.FileJob:
+    """The backfill of a stored lake (default embeddings/stored/{split}) by models/{h_name} into a new
+    lake (default embeddings/{h_name}/{split}); `input` / `output` are URIs or paths on the store's
+    storage. Verified: a tampered or mismatching artefact fails here, before any worker starts."""
     b, cols = cfg.backfill, cfg.backfill.columns
-    in_dir = b.input.rstrip("/") if b.input else store.path("embeddings", "stored", split)
-    out_dir = b.output.rstrip("/") if b.output else store.path("embeddings", h_name, split)
+    in_dir = store.resolve(input) if input else layout.embeddings(store, STORED, split)
+    out_dir = store.resolve(output) if output else layout.embeddings(store, h_name, split)
     _, meta = registry.load(store, h_name)
     if meta.get("kind") != "transformation":
         raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
@@ -62,7 +65,7 @@ def backfill_job(cfg: Config, store: Store, h_name: str = "fct", split: str = "t
         "model": h_name, "version": meta["version"], "dim": meta["dims"]["new"],
         "inputs": {"old": meta["producers"]["old"], "side": meta["producers"]["side"]}}}
     return filemap.FileJob(
-        store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=store.path("rejected", h_name, split),
+        store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, h_name, split),
         expected={cols.id: pa.int64(), cols.old: meta["dims"]["old"], cols.side: meta["dims"]["side"]},
         columns=[cols.id, cols.old, cols.side],
         make_fn=functools.partial(TransformFn, store, h_name, cols, b.precision), producer=producer,
@@ -70,6 +73,7 @@ def backfill_job(cfg: Config, store: Store, h_name: str = "fct", split: str = "t
         expect_versions={cols.old: meta["producers"]["old"], cols.side: meta["producers"]["side"]})
 
 
-def backfill(cfg: Config, store: Store, h_name: str = "fct", split: str = "test") -> dict:
-    """Apply models/{h_name} to every row of the stored lake; writes embeddings/{h_name}/{split}."""
-    return run(cfg, backfill_job(cfg, store, h_name, split))
+def backfill(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
+             output: str | None = None) -> dict:
+    """Apply models/{h_name} to every row of the stored lake; writes the new lake (see backfill_job)."""
+    return run(cfg, backfill_job(cfg, store, h_name, split, input, output))

@@ -22,6 +22,7 @@ import ray
 from ..config import Config, ConfigError
 from ..lake import LakeError
 from ..lease import Lease
+from ..progress import Bar
 from ..runtime import gpus_available, init_ray
 from ..storage import StorageError
 from . import filemap
@@ -31,24 +32,22 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """A line every few seconds: files and rows done, rows/s since the workers were ready."""
+    """Files done as a live bar (or a log line every few seconds), with rows and rows/s since the
+    workers were ready."""
 
-    def __init__(self, job: FileJob, tasks: list[Task], every: float = 5.0):
-        self.name, self.total, self.every = job.name, len(tasks), every
-        self.files = self.rows = 0
-        self.t0 = self.last = time.time()
+    def __init__(self, job: FileJob, tasks: list[Task]):
+        self.bar = Bar(f"[{job.name}] files", len(tasks), "files")
+        self.rows, self.t0 = 0, time.time()
 
     def start(self) -> None:
-        self.t0 = self.last = time.time()
+        self.t0 = time.time()
 
     def done(self, stats: dict) -> None:
-        self.files += 1
         self.rows += stats["rows_in"] or 0
-        now = time.time()
-        if now - self.last >= self.every or self.files == self.total:
-            self.last = now
-            log.info("[%s] %d/%d files, %s rows, %.0f rows/s", self.name, self.files, self.total, f"{self.rows:,}",
-                     self.rows / max(now - self.t0, 1e-9))
+        rate = self.rows / max(time.time() - self.t0, 1e-9)
+        self.bar.update(1, f"{self.rows:,} rows, {rate:,.0f} rows/s")
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
 
 
 def local(job: FileJob, tasks: list[Task], lease: Lease) -> tuple[list[dict], float, int]:

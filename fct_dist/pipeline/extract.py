@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import lake
+from .. import lake, layout
 from ..config import Config, digest
 from ..lake import LakeError
+from ..layout import FEATURES, NEW, OLD, SIDE, STORED
 from ..models import registry
 from ..storage import Store
 from . import filemap
@@ -58,8 +59,8 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
         _, meta = registry.load(store, name)
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
     return filemap.FileJob(
-        store=store, in_dir=store.path("images", split), out_dir=store.path("embeddings", out_name, split),
-        rejected_dir=store.path("rejected", out_name, split),
+        store=store, in_dir=layout.images(store, split), out_dir=layout.embeddings(store, out_name, split),
+        rejected_dir=layout.rejected(store, out_name, split),
         expected={"id": pa.int64(), "image": pa.binary()}, columns=["id", "image"],
         make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision), producer=producer,
         fingerprint=digest(producer, cfg.extract.precision), actors=cfg.extract, name="extract")
@@ -72,12 +73,12 @@ def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_n
 
 def stored(cfg: Config, store: Store, split: str = "test") -> dict:
     """The lake kept at old-model time: id, old, side."""
-    return extract(cfg, store, split, {"old": "old", "side": "side"}, "stored")
+    return extract(cfg, store, split, {"old": OLD, "side": SIDE}, STORED)
 
 
 def features(cfg: Config, store: Store, split: str) -> dict:
     """The transformation's training features: id, old, side, new."""
-    return extract(cfg, store, split, {"old": "old", "side": "side", "new": "new"}, "features")
+    return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW}, FEATURES)
 
 
 def reextract(cfg: Config, store: Store, model: str, split: str = "test") -> dict:

@@ -43,11 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import lake
+from .. import currency, lake
 from ..config import Actors, digest
 from ..lake import LakeError
 from ..lease import Lease
-from ..storage import AtomicFile, Store, StorageError, is_storage_fault
+from ..storage import MANIFEST, AtomicFile, Store, StorageError, is_storage_fault
 
 log = logging.getLogger(__name__)
 KEY = b"fct.key"
@@ -457,10 +457,11 @@ def run(job: FileJob, distribute: Callable[[FileJob, list[Task], Lease], tuple[l
         inputs = scan(job)
         names = [i.name for i in inputs]
         job_key = digest(job.fingerprint, [i.identity() for i in inputs])
-        if store.has_manifest(job.out_dir) and store.manifest(job.out_dir).get("key") == job_key:
+        done = currency.current(store, job.out_dir, job_key)
+        if done:
             log.info("[%s] %s is complete and current: nothing to do", job.name, store.uri(job.out_dir))
-            return store.manifest(job.out_dir)
-        store.delete(f"{job.out_dir}/_manifest.json")  # from here on the folder is not a finished lake
+            return done
+        store.delete(f"{job.out_dir}/{MANIFEST}")  # from here on the folder is not a finished lake
         bad = [i for i in inputs if i.error]
         if bad and job.actors.on_bad_input == "fail":
             raise LakeError(f"{bad[0].error}" + (f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""))
@@ -533,13 +534,13 @@ def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], jo
         "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined,
         "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
         "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
-    manifest = {"kind": "embeddings", "stage": job.name, "key": job_key, "fingerprint": job.fingerprint,
+    manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint,
                 "producer": job.producer, "source": store.uri(job.in_dir), "files": names,
                 "per_file": results, "rows": total["rows_out"], "summary": summary,
                 "rejected_dir": store.uri(job.rejected_dir) if total["rows_rejected"] or unknown else None}
     lease.renew()  # fencing: a run whose lease was taken over never commits
     summary["commit_seconds"] = round(time.time() - t0, 3)
-    store.write_manifest(job.out_dir, manifest)
+    manifest = currency.commit(store, job.out_dir, job_key, manifest)
     unknown_note = f", rows of {len(unknown)} quarantined files unknown" if unknown else ""
     log.info("[%s] %s rows read, %s written, %s rejected%s, %d files (%d mapped now), %.1f MB in, %.1f MB out, "
              "%s rows/s -> %s", job.name, total["rows_in"], total["rows_out"], total["rows_rejected"], unknown_note,

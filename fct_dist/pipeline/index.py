@@ -6,6 +6,7 @@ empty index and writes one shard; search fans out over the shards and merges by 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -14,11 +15,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from .. import lake
-from ..config import Config
+from .. import currency, lake, layout
+from ..config import Config, digest
 from ..lake import LakeError
 from ..runtime import init_ray, want_gpu
 from ..storage import Store, StorageError
+
+log = logging.getLogger(__name__)
 
 
 def choose_factory(n: int, d: int) -> str:
@@ -90,64 +93,56 @@ def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, 
     return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
 
 
+def settings(cfg: Config, source: dict, column: str) -> dict:
+    """What an index over a lake (given by its manifest) depends on: the index config and the lake's key."""
+    c, d = cfg.index, source["producer"][column]["dim"]
+    factory = choose_factory(source["rows"], d) if c.factory == "auto" else c.factory
+    return {"factory": factory, "dim": d, "column": column, "train_sample": c.train_sample,
+            "num_shards": c.num_shards, "nprobe": c.nprobe, "source_key": source["key"]}
+
+
+def current(cfg: Config, store: Store, name: str, split: str, column: str = "emb") -> dict | None:
+    """The manifest of index/{name}/{split} when it indexes today's embeddings/{name}/{split}, else None."""
+    s = settings(cfg, store.manifest(layout.embeddings(store, name, split)), column)
+    return currency.current(store, layout.index(store, name, split, column), digest(s))
+
+
 def build(cfg: Config, store: Store, name: str, split: str = "test", column: str = "emb") -> dict:
     """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest."""
+    src, out = layout.embeddings(store, name, split), layout.index(store, name, split, column)
+    source = store.manifest(src)
+    s = settings(cfg, source, column)
+    done = currency.current(store, out, digest(s))
+    if done:
+        log.info("[index] %s is current: skipped", store.uri(out))
+        return done
     init_ray(cfg)
-    c, t0 = cfg.index, time.time()
-    src = store.path("embeddings", name, split)
-    src_manifest = store.manifest(src)
+    t0, d, use_gpu = time.time(), s["dim"], want_gpu(cfg.index.use_gpu)
     files = lake.parts(store, src)
-    d = src_manifest["producer"][column]["dim"]
-    factory = choose_factory(src_manifest["rows"], d) if c.factory == "auto" else c.factory
-    out = store.path("index", name, split)
-    settings = {"factory": factory, "train_sample": c.train_sample, "num_shards": c.num_shards, "nprobe": c.nprobe}
-    if store.has_manifest(out):
-        m = store.manifest(out)
-        if m.get("settings") == settings and m.get("source_producer") == src_manifest["producer"]:
-            print(f"[index] {store.uri(out)} is current: skipped")
-            return m
-    use_gpu = want_gpu(c.use_gpu)
-    index = new_index(factory, d)
-    sample = sample_vectors(store, files, column, d, c.train_sample)
+    index = new_index(s["factory"], d)
+    sample = sample_vectors(store, files, column, d, s["train_sample"])
     if not index.is_trained:
         gpu_index = to_gpu(index, use_gpu)
         gpu_index.train(sample)
         index = to_cpu(gpu_index)
     trained = faiss.serialize_index(index).tobytes()
     store.delete(out)
-    n_shards = min(c.num_shards, len(files))
+    n_shards = min(s["num_shards"], len(files))
     slices = [files[i::n_shards] for i in range(n_shards)]
     ref = ray.put(trained)
     shards = ray.get([_add_shard.options(num_cpus=0.5, num_gpus=1 if use_gpu else 0).remote(
         ref, store, sl, column, d, f"{out}/shard-{i:05d}.faiss", use_gpu) for i, sl in enumerate(slices)])
     seconds = time.time() - t0
-    rows = sum(s["rows"] for s in shards)
-    manifest = {"kind": "faiss-index", "factory": factory, "dim": d, "metric": "L2", "nprobe": c.nprobe,
-                "shards": shards, "rows": rows, "bytes": sum(s["bytes"] for s in shards),
-                "source": store.uri(src), "source_producer": src_manifest["producer"], "column": column,
-                "train_sample": len(sample), "build_seconds": round(seconds, 2),
-                "rows_per_second": round(rows / seconds, 1), "gpu": use_gpu, "settings": settings}
-    manifest["recall_at_10"] = recall_at_10(store, name, split, files, column, d, c.nprobe, manifest)
-    store.write_manifest(out, manifest)
-    print(f"[index] {factory}: {rows} rows in {len(shards)} shards, {manifest['bytes'] / 1e6:.1f} MB, "
-          f"{manifest['rows_per_second']:.0f} rows/s, recall@10 {manifest['recall_at_10']} -> {store.uri(out)}")
+    rows = sum(sh["rows"] for sh in shards)
+    manifest = currency.commit(store, out, digest(s), {
+        "kind": "faiss-index", "factory": s["factory"], "dim": d, "metric": "L2", "nprobe": s["nprobe"],
+        "shards": shards, "rows": rows, "bytes": sum(sh["bytes"] for sh in shards), "source": store.uri(src),
+        "source_producer": source["producer"], "column": column, "train_sample": len(sample),
+        "build_seconds": round(seconds, 2), "rows_per_second": round(rows / seconds, 1), "gpu": use_gpu,
+        "settings": s})
+    log.info("[index] %s: %d rows in %d shards, %.1f MB, %.0f rows/s -> %s", s["factory"], rows, len(shards),
+             manifest["bytes"] / 1e6, manifest["rows_per_second"], store.uri(out))
     return manifest
-
-
-def recall_at_10(store: Store, name: str, split: str, files: list[str], column: str,
-                 d: int, nprobe: int, manifest: dict, n_queries: int = 1000, max_rows: int = 2_000_000) -> float | None:
-    """Recall@10 of the sharded index against exact search, on queries drawn from the lake itself."""
-    if manifest["rows"] > max_rows:
-        return None  # exact search over the whole lake would not fit this check
-    ids, x = zip(*(read_vectors(store, p, column, d) for p in files))
-    ids, x = np.concatenate(ids), np.concatenate(x)
-    q = x[np.random.default_rng(1).choice(len(x), min(n_queries, len(x)), replace=False)]
-    exact = faiss.IndexIDMap(faiss.IndexFlatL2(d))
-    exact.add_with_ids(x, ids)
-    _, truth = exact.search(q, 10)
-    shards = [_load_shard(store, store.path("index", name, split), s["file"]) for s in manifest["shards"]]
-    _, got = search_shards(shards, q, 10, nprobe)
-    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]))
 
 
 def _load_shard(store: Store, directory: str, file: str) -> faiss.Index:
@@ -160,8 +155,8 @@ def _load_shard(store: Store, directory: str, file: str) -> faiss.Index:
         raise StorageError(f"index shard {store.uri(path)} is corrupt: {str(e).splitlines()[0]}") from None
 
 
-def load(store: Store, name: str, split: str = "test") -> tuple[list[faiss.Index], dict]:
-    directory = store.path("index", name, split)
+def load(store: Store, name: str, split: str = "test", column: str = "emb") -> tuple[list[faiss.Index], dict]:
+    directory = layout.index(store, name, split, column)
     manifest = store.manifest(directory)
     return [_load_shard(store, directory, s["file"]) for s in manifest["shards"]], manifest
 
@@ -182,22 +177,10 @@ def search_shards(shards: list[faiss.Index], queries: np.ndarray, k: int, nprobe
     return merge_results([r[0] for r in results], [r[1] for r in results], k)
 
 
-def search(store: Store, name: str, split: str, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (distances, ids) over every shard of index/{name}/{split}."""
-    shards, manifest = load(store, name, split)
+def search(store: Store, name: str, split: str, queries: np.ndarray, k: int, nprobe: int,
+           column: str = "emb") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (distances, ids) over every shard of the index of embeddings/{name}/{split} (its `column`)."""
+    shards, manifest = load(store, name, split, column)
     if queries.shape[1] != manifest["dim"]:
         raise LakeError(f"queries have dim {queries.shape[1]}; index/{name}/{split} has dim {manifest['dim']}")
     return search_shards(shards, queries, k, nprobe)
-
-
-def embed_images(store: Store, model: str, split: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Embed the images with these ids (of `split`) with a named model: queries for `fct search`."""
-    import torch
-
-    from ..models import registry
-    module, meta = registry.load(store, model)
-    all_ids, x, _ = lake.read_images(store, split)
-    pick = np.flatnonzero(np.isin(all_ids, ids)) if ids else np.arange(min(5, len(all_ids)))
-    with torch.no_grad():
-        emb = registry.embedder(meta["kind"], module)(torch.from_numpy(x[pick])).numpy()
-    return all_ids[pick], emb

@@ -1,8 +1,9 @@
 """The one `train_loop_per_worker` and the tasks it trains.
 
 A Task says what a stage trains (model, data, loss, optimizer); the loop does the rest the same way
-for every stage: DDP, sharded sampling, cosine schedule with warm-up, mixed precision on GPU, a
-progress bar per epoch, a checkpoint per epoch and resumption from the last one.
+for every stage: DDP, sharded sampling, cosine schedule with warm-up, mixed precision on GPU,
+progress posted to the driver's board (`trainer.Board`), a checkpoint per epoch and resumption from
+the last one.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .. import lake, losses
-from ..models import Classifier, ResNet, SimCLR, Transformation
+from ..config import Optim
+from ..models import (Classifier, ClassifierConfig, ResNetConfig, SimCLR, SimCLRConfig, Transformation,
+                      TransformationConfig)
 from ..storage import Store
 from . import augment
 
@@ -31,7 +34,7 @@ STATE = "state.pt"
 @dataclass
 class Task:
     """What a stage trains. Built on the driver, pickled to every worker."""
-    opt: dict  # the stage's optimiser settings (config.Optim as a dict)
+    opt: Optim  # the stage's training settings (its config.train.* section)
 
     def dataset(self) -> TensorDataset:
         raise NotImplementedError
@@ -43,8 +46,8 @@ class Task:
         raise NotImplementedError
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.opt["lr"], momentum=self.opt["momentum"],
-                               weight_decay=self.opt["weight_decay"], nesterov=True)
+        return torch.optim.SGD(params, lr=self.opt.lr, momentum=self.opt.momentum,
+                               weight_decay=self.opt.weight_decay, nesterov=True)
 
     def epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Hook after model.train() at the start of each epoch."""
@@ -53,11 +56,11 @@ class Task:
 @dataclass
 class ImageTask(Task):
     store: Store = None
-    arch: dict = field(default_factory=dict)  # ResNet kwargs
+    arch: ResNetConfig = None
     labels: list[int] | None = None  # train on these classes only (None: all)
 
     def dataset(self) -> TensorDataset:
-        _, x, y = lake.read_images(self.store, "train", self.labels, self.opt.get("max_train_images"))
+        _, x, y = lake.read_images(self.store, "train", self.labels, self.opt.max_train_images)
         target = np.searchsorted(np.asarray(self.classes()), y)
         return TensorDataset(torch.from_numpy(x), torch.from_numpy(target.astype(np.int64)))
 
@@ -65,7 +68,7 @@ class ImageTask(Task):
         return self.labels if self.labels is not None else lake.image_manifest(self.store, "train")["labels"]
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return augment.shift(x) if self.opt["augment"] else x
+        return augment.shift(x) if self.opt.augment else x
 
 
 @dataclass
@@ -73,12 +76,12 @@ class ClassifierTask(ImageTask):
     num_classes: int = 0
 
     def model(self) -> nn.Module:
-        return Classifier(ResNet(**self.arch), self.arch["emb_dim"], self.num_classes)
+        return Classifier(ClassifierConfig(self.arch, self.num_classes))
 
     def loss(self, model, batch):
         x, y = batch
         _, logits = model(self.inputs(x))
-        return losses.classification(logits, y, self.opt["label_smoothing"])
+        return losses.classification(logits, y, self.opt.label_smoothing)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class BctTask(ClassifierTask):
         x, y = batch
         emb, logits = model(self.inputs(x))
         influence = losses.bct_influence(emb, y, self.old_fc.to(emb.device), self.old_index.to(emb.device))
-        return losses.classification(logits, y, self.opt["label_smoothing"]) + self.opt["influence_weight"] * influence
+        return losses.classification(logits, y, self.opt.label_smoothing) + self.opt.influence_weight * influence
 
 
 @dataclass
@@ -98,37 +101,37 @@ class SimCLRTask(ImageTask):
     proj_dim: int = 64
 
     def model(self) -> nn.Module:
-        return SimCLR(ResNet(**self.arch), self.arch["emb_dim"], self.proj_dim)
+        return SimCLR(SimCLRConfig(self.arch, self.proj_dim))
 
     def loss(self, model, batch):
         x, _ = batch
-        return losses.nt_xent(model(augment.view(x)), model(augment.view(x)), self.opt["temperature"])
+        return losses.nt_xent(model(augment.view(x)), model(augment.view(x)), self.opt.temperature)
 
 
 @dataclass
 class TransformationTask(Task):
     store: Store = None
     features: str = ""  # directory of the feature lake (id, old, side, new)
-    arch: dict = field(default_factory=dict)  # Transformation kwargs
+    arch: TransformationConfig = None
 
     def dataset(self) -> TensorDataset:
         a = self.arch
-        dims = {"old": a["old_dim"], "side": a["side_dim"], "new": a["new_dim"]}
+        dims = {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim}
         t = lake.read_lake(self.store, self.features, {"id": pa.int64()} | dims)
         return TensorDataset(*(torch.tensor(lake.to_numpy(t[c])) for c in dims))
 
     def model(self) -> nn.Module:
-        return Transformation(**self.arch)
+        return Transformation(self.arch)
 
     def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.opt["lr"], weight_decay=self.opt["weight_decay"])
+        return torch.optim.Adam(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay)
 
     def loss(self, model, batch):
         old, side, new = batch
         return losses.transformation(model(old, side), new)
 
     def epoch_start(self, model, epoch):
-        if epoch >= round((1 - self.opt["freeze_bn_fraction"]) * self.opt["epochs"]):
+        if epoch >= round((1 - self.opt.freeze_bn_fraction) * self.opt.epochs):
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm1d):
                     m.eval()
@@ -138,26 +141,18 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def progress(stage: str, epoch: int, epochs: int, total: int, rank: int):
-    """A bar per epoch on rank 0 (tqdm_ray shows it on the driver), nothing elsewhere."""
-    if rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
-    return tqdm(total=total, desc=f"{stage} epoch {epoch + 1}/{epochs}")
-
-
 def train_loop_per_worker(config: dict) -> None:
     task: Task = config["task"]
-    stage, opt = config["stage"], task.opt
+    stage, opt, board = config["stage"], task.opt, config["board"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(opt["seed"] * 1000 + rank)
+    torch.manual_seed(opt.seed * 1000 + rank)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     device = ray.train.torch.get_device()
 
     data = task.dataset()
-    per_worker = max(1, min(opt["batch_size"] // world, len(data) // world))
-    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=opt["seed"], drop_last=True)
+    per_worker = max(1, min(opt.batch_size // world, len(data) // world))
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=opt.seed, drop_last=True)
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(data, per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False)
 
@@ -173,36 +168,33 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         optimizer.load_state_dict(state["optimizer"])
     steps = len(loader)
-    total, warmup = opt["epochs"] * steps, int(opt["warmup_epochs"] * steps)
+    total, warmup = opt.epochs * steps, int(opt.warmup_epochs * steps)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    for epoch in range(start, opt["epochs"]):
+    for epoch in range(start, opt.epochs):
         sampler.set_epoch(epoch)
         model.train()
         task.epoch_start(model, epoch)
-        bar, t0, loss_sum, seen = progress(stage, epoch, opt["epochs"], steps, rank), time.time(), 0.0, 0
+        t0, loss_sum, seen = time.time(), 0.0, 0
         for i, batch in enumerate(loader):
             for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(epoch * steps + i, total, warmup, opt["lr"])
+                g["lr"] = cosine_lr(epoch * steps + i, total, warmup, opt.lr)
             with amp:
                 loss = task.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum, seen = loss_sum + loss.item() * len(batch[0]), seen + len(batch[0])
-            if bar:
-                if i % 20 == 0:
-                    bar.set_description(f"{stage} epoch {epoch + 1}/{opt['epochs']} loss {loss.item():.4f} "
-                                        f"{seen * world / (time.time() - t0):.0f} items/s")
-                bar.update(1)
-        if bar:
-            bar.close()
+            if rank == 0 and (i % 5 == 0 or i == steps - 1):  # fire and forget: the driver draws the bar
+                board.put.remote(step=epoch * steps + i + 1, total=opt.epochs * steps,
+                                 postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss.item():.4f} "
+                                         f"{seen * world / (time.time() - t0):.0f} items/s")
         metrics = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": time.time() - t0,
                    "items_per_s": seen * world / (time.time() - t0)}
         history.append(metrics)
         if rank == 0:
-            print(f"[{stage}] epoch {epoch + 1}/{opt['epochs']} loss {metrics['loss']:.4f} "
-                  f"{metrics['items_per_s']:.0f} items/s", flush=True)
+            board.put.remote(line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
+                                  f"{metrics['items_per_s']:.0f} items/s")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:

@@ -1,17 +1,24 @@
 """The one TorchTrainer factory: scaling from the config, checkpoints under storage.root."""
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
+import ray
 import ray.train
 import torch
 import torch.nn as nn
 from ray.train.torch import TorchTrainer
 
+from .. import layout
 from ..config import Config
+from ..progress import Bar
 from ..runtime import init_ray, want_gpu
 from ..storage import Store
 from .loop import STATE, Task, train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 
 def scaling(cfg: Config) -> ray.train.ScalingConfig:
@@ -21,21 +28,69 @@ def scaling(cfg: Config) -> ray.train.ScalingConfig:
                                    resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if gpu else {}))
 
 
+@ray.remote(num_cpus=0)
+class Board:
+    """Where rank 0 posts its progress (steps done, a postfix, finished epochs' lines) for the driver
+    to draw: workers print nothing, so Ray's worker output can stay in its log files."""
+
+    def __init__(self):
+        self.step, self.total, self.postfix, self.lines = 0, 0, "", []
+
+    def put(self, step: int = 0, total: int = 0, postfix: str = "", line: str = "") -> None:
+        if step:
+            self.step, self.total, self.postfix = step, total, postfix
+        if line:
+            self.lines.append(line)
+
+    def get(self, seen: int) -> tuple[int, int, str, list[str]]:
+        return self.step, self.total, self.postfix, self.lines[seen:]
+
+
+def follow(board, stage: str, stop: threading.Event, every: float = 0.5) -> None:
+    """Draw the board's progress until `stop` (in a driver thread)."""
+    bar, seen = None, 0
+    while True:
+        stopping = stop.wait(every)
+        try:
+            step, total, postfix, lines = ray.get(board.get.remote(seen), timeout=10)
+        except (ray.exceptions.RayError, TimeoutError):
+            break
+        if total and bar is None:
+            bar = Bar(f"[{stage}] steps", total, "steps")
+        for line in lines:
+            bar.write(line) if bar else log.info("%s", line)
+        seen += len(lines)
+        if bar:
+            bar.goto(step, postfix)
+        if stopping:
+            break
+    if bar:
+        bar.close()
+
+
 def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tuple[nn.Module, list[dict]]:
     """Train `task` with Ray Train; returns the trained module (CPU, unwrapped) and its epoch history.
 
     Checkpoints go to {storage.root}/checkpoints/{run_name}; rerunning the same run name (same stage
     config and inputs) resumes from the last checkpoint instead of starting over."""
     init_ray(cfg)
+    board, stop = Board.remote(), threading.Event()
+    drawer = threading.Thread(target=follow, args=(board, stage, stop), daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "stage": stage},
+        train_loop_config={"task": task, "stage": stage, "board": board},
         scaling_config=scaling(cfg),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=store.path("checkpoints"), storage_filesystem=store.fs,
+            name=run_name, storage_path=layout.checkpoints(store), storage_filesystem=store.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)))
-    result = trainer.fit()
+    drawer.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        drawer.join()
+        ray.kill(board)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")
     module = task.model()
