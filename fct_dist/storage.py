@@ -227,10 +227,6 @@ class Store:
                                "(the stage that writes it did not complete; rerun it)")
         return self.read_json(path)
 
-    def write_manifest(self, directory: str, manifest: dict) -> None:
-        """Written last: its presence is what marks `directory` as done."""
-        self.write_json(f"{directory}/{MANIFEST}", manifest)
-
     def has_manifest(self, directory: str) -> bool:
         return self.exists(f"{directory}/{MANIFEST}")
 

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from fct_dist import bench, fixtures, lake
+from fct_dist.config import Projection
+from fct_dist.projection import project
 from fct_dist.storage import open_store
 
 from .support import read_output
@@ -70,3 +72,19 @@ def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
         assert store.exists(f"{r['report_dir']}/{artefact}")
     assert "| production | re-extraction |" in store.read_bytes(f"{r['report_dir']}/bench.md").decode()
 
+
+
+def test_projection_takes_the_slower_of_the_gpus_and_the_object_store():
+    pc = Projection(items=1_000_000, gpus=[1, 100], storage_gbps=0.008, gpu_backfill_rows_per_s=2000.0,
+                    gpu_extract_images_per_s=10.0)
+    run = {"items_per_second": 500.0, "gpus": 1.0, "bytes_per_item": 1000.0, "cpu_seconds_per_million": 3600.0}
+    by = {(r["job"], r["gpus"]): r for r in project(pc, {"backfill": {"ray": run}, "re-extraction": {"ray": run}},
+                                                     gpu=False)["rows"]}
+    # reading 1e6 items x 1000 B at 8 Mbit/s takes 1000 s, whatever the GPUs
+    assert (by[("backfill", 1)]["bound"], by[("backfill", 1)]["wall_hours"]) == ("storage", round(1000 / 3600, 3))
+    assert (by[("re-extraction", 1)]["bound"], by[("re-extraction", 1)]["wall_hours"]) == ("GPU", round(1e5 / 3600, 3))
+    assert by[("re-extraction", 100)]["gpu_hours"] == round(100 * 1000 / 3600, 2)  # 100 GPUs for 1000 s
+    assert {r["rate_source"] for r in by.values()} == {"assumed"}
+    assert by[("backfill", 1)]["cpu_core_hours_at_measured_rate"] == 1.0
+    measured = project(pc, {"backfill": {"ray": run}, "re-extraction": {"ray": run}}, gpu=True)["rows"]
+    assert {(r["per_gpu_rate"], r["rate_source"]) for r in measured} == {(500.0, "measured")}

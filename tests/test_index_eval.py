@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from fct_dist import evaluate, lake
+from fct_dist import currency, evaluate, lake
 from fct_dist.pipeline import index
 from fct_dist.storage import StorageError, open_store
 
@@ -62,7 +62,7 @@ def test_cross_model_case_and_neighbour_path():
     assert via["map"] == pytest.approx(m_ap)
 
 
-def vector_lake(store, n=3000, d=16, files=6, seed=0):
+def vector_lake(store, n=3000, d=16, files=6, seed=0, key="vec-1"):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(20, d)) * 4
     x = (centers[rng.integers(0, 20, n)] + rng.normal(size=(n, d))).astype(np.float32)
@@ -71,7 +71,7 @@ def vector_lake(store, n=3000, d=16, files=6, seed=0):
     prod = {"emb": {"model": "test", "version": "v", "dim": d}}
     for k, sl in enumerate(np.array_split(np.arange(n), files)):
         lake.write_part(store, f"{directory}/{lake.part_name(k)}", lake.embedding_table(ids[sl], {"emb": x[sl]}, prod))
-    store.write_manifest(directory, {"rows": n, "producer": prod})
+    currency.commit(store, directory, key, {"rows": n, "producer": prod})
     return ids, x
 
 
@@ -82,7 +82,8 @@ def test_sharded_search_equals_one_index(ray_local, any_cfg, factory):
     ids, x = vector_lake(store)
     m = index.build(cfg, store, "vec", "test")
     assert len(m["shards"]) == 3 and sum(s["rows"] for s in m["shards"]) == len(ids)
-    assert m["factory"] == factory and m["dim"] == 16 and m["recall_at_10"] > 0.9
+    assert m["factory"] == factory and m["dim"] == 16
+    assert evaluate.index_recall(cfg, store, "vec", "test") > 0.9
     shards, _ = index.load(store, "vec", "test")
     single = faiss.deserialize_index(faiss.serialize_index(shards[0]))  # same trained quantizer
     single.reset()
@@ -113,3 +114,33 @@ def test_auto_factory_by_size():
     assert index.choose_factory(20_000, 128) == "Flat"
     assert index.choose_factory(1_000_000, 128) == "IVF4096,Flat"
     assert index.choose_factory(1_000_000_000, 128) == "IVF131072,PQ32"
+
+
+def test_an_index_is_current_only_for_the_lake_it_indexes(ray_local, any_cfg, caplog):
+    cfg = any_cfg("index.factory=Flat", "index.num_shards=2")
+    store = open_store(cfg.storage)
+    vector_lake(store)
+    first = index.build(cfg, store, "vec", "test")
+    assert index.current(cfg, store, "vec", "test") == first
+    with caplog.at_level("INFO", logger="fct_dist"):
+        assert index.build(cfg, store, "vec", "test") == first
+    assert "is current: skipped" in caplog.text
+    ids, x = vector_lake(store, seed=1, key="vec-2")  # the lake rewritten: other ids and vectors
+    assert index.current(cfg, store, "vec", "test") is None
+    index.build(cfg, store, "vec", "test")
+    _, got = index.search(store, "vec", "test", x[:5], 1, cfg.index.nprobe)
+    np.testing.assert_array_equal(got[:, 0], ids[:5])
+
+
+def test_evaluation_asks_for_a_current_index_and_never_builds_one(ray_local, any_cfg, monkeypatch):
+    cfg = any_cfg("eval.exact_max_gallery=100")
+    store = open_store(cfg.storage)
+    ids, x = vector_lake(store)
+    source = (np.sort(ids), x[np.argsort(ids)], np.zeros(len(ids), np.int64))
+    monkeypatch.setitem(evaluate.SOURCES, "vec", ("vec", "emb"))  # a gallery of this test's lake
+    monkeypatch.setitem(evaluate.LABELS, "vec", "vec")
+    with pytest.raises(lake.LakeError, match=r"gallery 'vec' has 3000 items .* no current index: build it"):
+        evaluate.case(cfg, store, "vec", "vec", {"vec": source})
+    assert not store.exists(store.path("index"))
+    index.build(cfg, store, "vec", "test")
+    assert evaluate.case(cfg, store, "vec", "vec", {"vec": source})["method"].startswith("faiss")

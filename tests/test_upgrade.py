@@ -3,24 +3,46 @@ from __future__ import annotations
 
 import pytest
 
-from fct_dist import cli, evaluate
+from fct_dist import cli, evaluate, layout, search
+from fct_dist.models import registry
 
 
 def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     cfg, store, report_dir = trained
-    for artefact in ("report.md", "metrics.json", "cmc.png"):
+    for artefact in ("report.md", "metrics.json", "cmc.png", "search.png"):
         assert store.exists(f"{report_dir}/{artefact}")
     metrics = store.read_json(f"{report_dir}/metrics.json")
-    stages = metrics["runs"][0]["timings"]
-    for stage in ("data", "train-old", "train-side-info", "extract stored lake (old, side)", "train-new",
-                  "train-new --bct", "train-transformation", "train-transformation --no-side", "backfill (fct)",
-                  "backfill (fct-noside)", "re-extract (new)", "re-extract (bct)", "index (fct)", "evaluate"):
-        assert stage in stages
+    steps = list(metrics["runs"][0]["timings"])
+    features = [i for i, s in enumerate(steps) if s.startswith("extract the transformation's features")]
+    assert len(features) == 2 and max(features) < steps.index("train the transformation h")
+    assert steps.index("index the upgraded lake") < steps.index("evaluate: the compatibility matrix and index recall")
+    for model in ("old", "side", "new", "bct", "fct", "fct-noside"):
+        assert registry.exists(store, model)
+    for name, split in (("stored", "test"), ("features", "train"), ("features", "test"), ("fct", "test"),
+                        ("fct-noside", "test"), ("new", "test"), ("bct", "test")):
+        assert store.has_manifest(layout.embeddings(store, name, split)), name
+    assert metrics["runs"][0]["evaluation"]["index_recall_at_10"]["fct"] > 0.9
     labels = [c["label"] for c in metrics["cases"]]
     assert labels == ["old / old", "new / new", "new / FCT (with side-info)", "new / FCT (no side-info)",
                       "BCT-new / old", "BCT-new / BCT-new", "new / old", "side-info / side-info"]
     report = store.read_bytes(f"{report_dir}/report.md").decode()
-    assert "| new / FCT (with side-info) |" in report and "## Goals" in report
+    assert "| new / FCT (with side-info) |" in report and "## Goals" in report and "![search](search.png)" in report
+
+
+def test_search_names_ids_not_in_the_split_and_draws_the_answers(trained, tmp_path, capsys):
+    cfg, store, _ = trained
+    args = ["search", "--preset", "tiny", "--set", f"storage.root={cfg.storage.root}"]
+    assert cli.main(args + ["--ids", "5", "17"]) == 2
+    assert "ids [5, 17] are not in" in capsys.readouterr().err
+    ids = search.spread_ids(store, "test", 2).tolist()
+    png = tmp_path / "search.png"
+    assert cli.main(args + ["--ids", *map(str, ids), "--k", "3", "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (label")[0] for line in lines] == [f"query {i}" for i in ids]
+    assert all(len(line.split(": ", 1)[1].split()) == 3 for line in lines)  # k neighbours each
+    from PIL import Image
+    width, height = Image.open(png).size
+    assert width > 1.5 * height  # 2 rows of 1 query + 3 neighbours
 
 
 def test_report_numbers_equal_fct_evaluate(trained):
