@@ -37,11 +37,11 @@ from .config import Actors, Config
 from .fixtures import IMAGE_SPLIT, Profile, image_lake, profiles, save_models, stored_lake
 from .lake import LakeError
 from .layout import FCT, NEW, STORED
-from .measure import (ZeroCost, compute_only, machine, measured, median_run, plain_copy, same_output,
+from .measure import (ZeroCost, compute_only, measured, median_run, plain_copy, same_output,
                       same_output_as_old)
 from .pipeline import backfill, distribute, extract, filemap
 from .projection import project
-from .runtime import gpus_available, init_ray
+from .runtime import gpus_available, init_ray, machine
 from .storage import Store
 
 log = logging.getLogger(__name__)

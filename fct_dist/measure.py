@@ -1,9 +1,7 @@
 """Measurement helpers of `fct bench`: CPU and memory of the whole process tree, steady rates of an
-engine job, the plain pyarrow loop and h's compute-only rate it is held against, and the machine."""
+engine job, and the plain pyarrow loop and h's compute-only rate it is held against."""
 from __future__ import annotations
 
-import os
-import platform
 import threading
 import time
 from typing import Callable
@@ -12,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import psutil
-import ray
 import torch
 
 from . import lake
@@ -160,20 +157,3 @@ def same_output_as_old(store: Store, out_dir: str, stored: str) -> bool:
     del t, s
     pa.default_memory_pool().release_unused()
     return same
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-    import faiss
-    import pyarrow
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "faiss": faiss.__version__, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}

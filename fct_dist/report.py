@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import logging
-import platform
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ import numpy as np
 from . import layout
 from .evaluate import LABELS, format_table, gap_closed
 from .layout import FCT, FCT_NOSIDE
+from .runtime import machine
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,11 @@ def write(store: Store, runs: list[dict], config: dict, run_name: str | None = N
     seeds = len(runs)
     table = format_table(cases) if seeds == 1 else _table_with_std(cases)
     gap = runs[0]["evaluation"]["gap_closed"] if seeds == 1 else _mean_gap(runs)
-    models = runs[0]["models"]
+    models, mc = runs[0]["models"], machine()
     lines = [f"# fct-dist upgrade report: {run_name}", "",
-             f"Machine: {platform.processor() or platform.machine()}, {platform.node()}; seeds: {seeds}; "
-             f"storage: {store.uri(store.root)}", "",
+             f"Machine: {mc['cpu']}, {mc['cores']} cores, {mc['memory_gb']} GB, GPU: {mc['gpu'] or 'none'}; "
+             f"python {mc['python']}, torch {mc['torch']}, ray {mc['ray']}, pyarrow {mc['pyarrow']}, faiss {mc['faiss']}; "
+             f"seeds: {seeds}; storage: {store.uri(store.root)}", "",
              "## Compatibility matrix (FCT protocol: query = gallery = test split, own item excluded, L2)", "",
              table, ""]
     for g in (FCT, FCT_NOSIDE):
@@ -125,8 +126,7 @@ def write(store: Store, runs: list[dict], config: dict, run_name: str | None = N
     store.write_json(f"{directory}/metrics.json", {"cases": cases, "goals": checks, "gap_closed": gap, "runs": runs,
                                                    "config": config})
     store.write_bytes(f"{directory}/report.md", "\n".join(lines).encode() + b"\n")
-    log.info("\n%s\n\n%s\n\nreport: %s/report.md", table, "\n".join(x for x in lines if x.startswith("- ")),
-             store.uri(directory))
+    log.info("%s\nreport: %s/report.md", "\n".join(x for x in lines if x.startswith("- ")), store.uri(directory))
     return directory
 
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 
+import psutil
 import ray
+import torch
 
 from .config import Config
 
@@ -56,3 +59,21 @@ def want_gpu(setting: str) -> bool:
     if setting == "auto":
         return gpus_available()
     return setting == "true"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What ran: CPU, cores, memory, GPU and the versions of the stack (the torch actually imported)."""
+    import faiss
+    import pyarrow
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "faiss": faiss.__version__, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}

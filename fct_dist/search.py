@@ -92,6 +92,6 @@ def draw(store: Store, split: str, q: Images, dist: np.ndarray, nbr: np.ndarray,
                 continue
             j = where[x]
             same = gallery.labels[j] == q.labels[r]
-            show(ax, gallery.pixels[j], f"{x} ({gallery.labels[j]})\nd={dist[r, c]:.2f}", "green" if same else "red")
+            show(ax, gallery.pixels[j], f"{x} ({gallery.labels[j]})\nd={dist[r, c]:.3g}", "green" if same else "red")
     fig.suptitle(title, fontsize=9)
     return report.png(fig)

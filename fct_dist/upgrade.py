@@ -29,10 +29,12 @@ class Steps:
 
     def __init__(self):
         self.timings: dict[str, float] = {}
+        self.order: list[str] = []  # the steps as run (manifests store dicts with sorted keys)
 
     def __call__(self, name: str, fn: Callable, *args, **kwargs):
         t0 = time.time()
         log.info("=== %s ===", name)
+        self.order.append(name)
         out = fn(*args, **kwargs)
         self.timings[name] = round(time.time() - t0, 1)
         return out
@@ -65,7 +67,7 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
         if name != FCT:
             step(f"index the {name} gallery (too large for exact ranking)", index.build, cfg, store, name, split, column)
     evaluation = step("evaluate: the compatibility matrix and index recall", evaluate.matrix, cfg, store)
-    return {"timings": step.timings, "models": {m: registry.read_meta(store, m) for m in MODELS},
+    return {"steps": step.order, "timings": step.timings, "models": {m: registry.read_meta(store, m) for m in MODELS},
             "index": idx, "evaluation": evaluation}
 
 

@@ -73,8 +73,8 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path)
     root = tmp_path / "root"
     store = open_store(Storage(root=str(root)))
     copy_tree(trained[1], store, "images")
-    args = [sys.executable, "-m", "fct_dist.cli", "train-new", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", "train.new.epochs=6", "--set", "train.new.batch_size=8"]
+    args = [sys.executable, "-m", "fct_dist.cli", "train-new", "-v", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--set", "train.new.epochs=6", "--set", "train.new.batch_size=8"]  # -v: Ray's own lines too
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout))
@@ -101,7 +101,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path)
     assert proc.returncode == 0, text[-3000:]
     assert "[FailurePolicy] RETRY" in text, text[-3000:]  # the controller restarted the worker group
     epochs: dict[int, set[int]] = {}  # worker pid -> epochs it trained
-    for pid, epoch in re.findall(r"RayTrainWorker pid=(\d+)\)(?:\x1b\[0m)? \[new\] epoch (\d+)/6", text):
+    for epoch, pid in re.findall(r"\[new\] epoch (\d+)/6 .*? \[worker pid (\d+)\]", text):
         epochs.setdefault(int(pid), set()).add(int(epoch))
     restarted = {pid: e for pid, e in epochs.items() if pid not in {w.pid for w in workers}}
     assert restarted, epochs

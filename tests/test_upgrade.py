@@ -12,7 +12,8 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     for artefact in ("report.md", "metrics.json", "cmc.png", "search.png"):
         assert store.exists(f"{report_dir}/{artefact}")
     metrics = store.read_json(f"{report_dir}/metrics.json")
-    steps = list(metrics["runs"][0]["timings"])
+    steps = metrics["runs"][0]["steps"]
+    assert set(steps) <= set(metrics["runs"][0]["timings"])
     features = [i for i, s in enumerate(steps) if s.startswith("extract the transformation's features")]
     assert len(features) == 2 and max(features) < steps.index("train the transformation h")
     assert steps.index("index the upgraded lake") < steps.index("evaluate: the compatibility matrix and index recall")

@@ -193,7 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "items_per_s": seen * world / (time.time() - t0)}
         history.append(metrics)
         if rank == 0:
-            board.put.remote(line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
+            board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
                                   f"{metrics['items_per_s']:.0f} items/s")
         with tempfile.TemporaryDirectory() as d:
             ckpt = None

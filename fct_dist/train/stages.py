@@ -66,7 +66,7 @@ def _run(cfg: Config, store: Store, name: str, key: str, task: Task, meta: dict,
     module, metrics = finish(module) if finish else (module, {})
     metrics |= {"train_seconds": round(time.time() - t0, 1), "history": history}
     meta = registry.save(store, name, module, meta | {"metrics": metrics}, key)
-    shown = {k: v for k, v in metrics.items() if k != "history"}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "history"}
     log.info("[%s] saved %s version %s: %s", name, store.uri(layout.model(store, name)), meta["version"], shown)
     return meta
 

@@ -14,7 +14,7 @@ from ray.train.torch import TorchTrainer
 from .. import layout
 from ..config import Config
 from ..progress import Bar
-from ..runtime import init_ray, want_gpu
+from ..runtime import init_ray, verbose, want_gpu
 from ..storage import Store
 from .loop import STATE, Task, train_loop_per_worker
 
@@ -36,13 +36,13 @@ class Board:
     def __init__(self):
         self.step, self.total, self.postfix, self.lines = 0, 0, "", []
 
-    def put(self, step: int = 0, total: int = 0, postfix: str = "", line: str = "") -> None:
+    def put(self, step: int = 0, total: int = 0, postfix: str = "", line: str = "", pid: int = 0) -> None:
         if step:
             self.step, self.total, self.postfix = step, total, postfix
         if line:
-            self.lines.append(line)
+            self.lines.append((line, pid))
 
-    def get(self, seen: int) -> tuple[int, int, str, list[str]]:
+    def get(self, seen: int) -> tuple[int, int, str, list[tuple[str, int]]]:
         return self.step, self.total, self.postfix, self.lines[seen:]
 
 
@@ -57,7 +57,8 @@ def follow(board, stage: str, stop: threading.Event, every: float = 0.5) -> None
             break
         if total and bar is None:
             bar = Bar(f"[{stage}] steps", total, "steps")
-        for line in lines:
+        for line, pid in lines:
+            line += f" [worker pid {pid}]" if verbose() else ""  # -v: which worker trained the epoch
             bar.write(line) if bar else log.info("%s", line)
         seen += len(lines)
         if bar:
