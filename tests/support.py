@@ -2,7 +2,9 @@
 stores, stored lakes written by hand, outputs read back, h applied in plain torch, our processes."""
 from __future__ import annotations
 
+import json
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -138,3 +140,16 @@ def kill_session(proc, seconds: float = 60) -> None:
                 pass
         time.sleep(0.1)
     raise TimeoutError(f"processes of session {proc.pid} still alive after {seconds} s")
+
+
+def registered_epoch(checkpoints: Path) -> int:
+    """The last epoch whose checkpoint Ray Train's controller has registered under `checkpoints` (a
+    state.pt on storage is not enough: a kill before registration makes a rerun start over)."""
+    epoch = 0
+    for f in checkpoints.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
+        except json.JSONDecodeError:  # being rewritten
+            continue
+        epoch = max(epoch, latest.get("metrics", {}).get("epoch", 0))
+    return epoch

@@ -3,7 +3,6 @@ object, a full disk and a denied directory. Each run ends exactly once or fails 
 marked done that is not."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from fct_dist.storage import open_store
 from fct_dist.train import stages
 
 from .faultproxy import KINDS, FaultProxy
-from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output
+from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output, registered_epoch
 
 ROWS_PER_FILE, FILES = 3000, 40
 
@@ -83,9 +82,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path)
     snapshots = root / "checkpoints"
     registered = 0  # the last epoch whose checkpoint the Train controller has registered
     while time.time() < deadline and not registered:
-        for f in snapshots.glob("*/checkpoint_manager_snapshot.json"):
-            latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
-            registered = latest.get("metrics", {}).get("epoch", 0)
+        registered = registered_epoch(snapshots)
         time.sleep(0.1)
     assert 1 <= registered < 6, f"no checkpoint registered before the kill ({registered})"
     workers = processes("RayTrainWorker", psutil.Process(proc.pid))

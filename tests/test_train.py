@@ -16,7 +16,7 @@ from fct_dist.models.registry import ArtefactError
 from fct_dist.storage import open_store
 from fct_dist.train import stages
 
-from .support import copy_tree
+from .support import copy_tree, registered_epoch
 
 
 @pytest.mark.parametrize("name, kind", [("old", "classifier"), ("side", "encoder"), ("new", "classifier"),
@@ -96,21 +96,17 @@ def test_killed_stage_resumes_from_its_checkpoint(trained, tmp_path):
     args = [sys.executable, "-m", "fct_dist.cli", "train-new", "--preset", "tiny", "--set", f"storage.root={root}",
             "--set", "train.new.epochs=4", "--set", "train.new.batch_size=8"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpts = store.path("checkpoints")
     deadline = time.time() + 240
-
-    def checkpoints():
-        return [i.path for i in store.fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(ckpts, recursive=True,
-                allow_not_found=True)) if i.path.endswith("state.pt")]
-    while time.time() < deadline and not checkpoints():
-        time.sleep(0.5)
+    while time.time() < deadline and not registered_epoch(root / "checkpoints"):
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert checkpoints() and not registry.exists(store, "new"), "the kill did not land after the first epoch"
+    registered = registered_epoch(root / "checkpoints")
+    assert 1 <= registered < 4 and not registry.exists(store, "new"), "the kill did not land after the first epoch"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
-    assert "[new] epoch 1/4" not in log  # epoch 1 came from the checkpoint
+    assert f"[new] epoch {registered}/4" not in log  # the epochs up to the registered one came from the checkpoint
     assert "[new] epoch 4/4" in log
     meta = registry.read_meta(store, "new")
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3, 4]
