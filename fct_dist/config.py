@@ -161,15 +161,14 @@ class Actors:
 
 @dataclass
 class Columns:
+    """Column names in the lakes a stage is pointed at (a URI); fct's own lakes use the defaults."""
     id: str = "id"
+    image: str = "image"
+    label: str = "label"
     old: str = "old"
     side: str = "side"
+    new: str = "new"
     out: str = "emb"
-
-
-@dataclass
-class Backfill(Actors):
-    columns: Columns = sub(Columns)
 
 
 @dataclass
@@ -229,7 +228,8 @@ class Config:
     models: Models = sub(Models)
     train: Train = sub(Train)
     extract: Actors = field(default_factory=lambda: Actors(batch_size=1024))
-    backfill: Backfill = field(default_factory=lambda: Backfill(batch_size=8192))
+    backfill: Actors = field(default_factory=lambda: Actors(batch_size=8192))
+    columns: Columns = sub(Columns)
     index: Index = sub(Index)
     eval: Eval = sub(Eval)
     bench: Bench = sub(Bench)

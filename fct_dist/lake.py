@@ -2,7 +2,9 @@
 
 Image lake:     id int64, image binary (PNG/JPEG), label int32
 Embedding lake: id int64 + one fixed_size_list<float32>[d] per model
-                (file metadata key `fct`: JSON with the producing model of every vector column)
+                (file metadata key `fct`: JSON with the producing model of every vector column).
+                Read from any vector layout real lakes have (`vector_dim`): list<double> as Spark's
+                ArrayType writes it, large_list, fixed_shape_tensor; rows of another length are bad input.
 Where they live: `layout`. Every finished dataset directory holds a `_manifest.json`, written last
 (`currency.commit`); when it lists its files, readers read exactly those.
 
@@ -20,6 +22,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -44,24 +47,67 @@ def to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
 
-def to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """fixed_size_list<float32>[d] (bare or as arrow.fixed_shape_tensor storage) -> (n, d) float32."""
+FLOATS = (pa.float16(), pa.float32(), pa.float64())
+VECTOR_TYPES = ("fixed_size_list, list or large_list of float16/32/64, or a 1-d arrow.fixed_shape_tensor")
+
+
+def _storage(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if isinstance(col, pa.ExtensionArray):
-        col = col.storage
-    d = col.type.list_size
-    # .values keeps the slots of null rows (flatten would drop them); missing floats read as NaN
-    values = col.values.slice(col.offset * d, len(col) * d)
-    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
+    return col.storage if isinstance(col, pa.ExtensionArray) else col
+
+
+def vectors(col: pa.Array | pa.ChunkedArray, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A vector column (any layout `vector_dim` accepts) -> ((n, d) float32, bad-row mask): a row is bad
+    when it is null or, in a list column, not of length d (d: the first row's length when None).
+    Bad rows read as NaN; float64/float16 are converted once, here."""
+    col = _storage(col)
+    n = len(col)
+    if pa.types.is_fixed_size_list(col.type):
+        k = col.type.list_size
+        # .values keeps the slots of null rows (flatten would drop them); missing floats read as NaN
+        values = col.values.slice(col.offset * k, n * k)
+        x = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, k)
+        bad = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(n, bool)
+        if d is not None and k != d:
+            raise LakeError(f"vector column of dim {k}; expected {d}")
+        return x, bad
+    lengths = pc.list_value_length(col).fill_null(-1).to_numpy()
+    if d is None:
+        d = int(next((v for v in lengths if v >= 0), 0))
+    bad = lengths != d
+    if not bad.any():  # the common case: one flatten, one conversion
+        return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, d), bad
+    x = np.full((n, d), np.nan, np.float32)
+    x[~bad] = col.filter(pa.array(~bad)).flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    return x, bad
+
+
+def to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A vector column -> (n, d) float32 (null rows as NaN)."""
+    return vectors(col)[0]
+
+
+def vector_problems(col: pa.Array | pa.ChunkedArray, name: str, d: int, rows: np.ndarray) -> list[str]:
+    """Why each of `rows` (bad rows found by `vectors`) is not a vector of d floats."""
+    col = _storage(col)
+    lengths = pc.list_value_length(col.take(pa.array(rows, pa.int64()))).to_pylist() \
+        if not pa.types.is_fixed_size_list(col.type) else [None] * len(rows)
+    return [f"null vector in column {name!r}" if n is None else
+            f"vector of length {n} in column {name!r}; expected {d}" for n in lengths]
 
 
 def vector_dim(t: pa.DataType) -> int | None:
-    """d for a fixed_size_list<float32>[d] column (or its tensor-extension wrapper), else None."""
+    """d of a fixed-size vector column, 0 for a list column (each row carries its length, checked
+    per row), None when `t` is not a vector column (see VECTOR_TYPES)."""
     if isinstance(t, pa.BaseExtensionType):
+        if t.extension_name == "arrow.fixed_shape_tensor" and len(t.shape) != 1:
+            return None
         t = t.storage_type
-    if pa.types.is_fixed_size_list(t) and t.value_type == pa.float32():
+    if pa.types.is_fixed_size_list(t) and t.value_type in FLOATS:
         return t.list_size
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and t.value_type in FLOATS:
+        return 0
     return None
 
 
@@ -97,7 +143,7 @@ def write_part(store: Store, path: str, table: pa.Table) -> int:
 
 
 def check_schema(schema: pa.Schema, expected: dict[str, pa.DataType | int], where: str) -> None:
-    """`expected` maps column -> Arrow type, or -> d for a vector column of dim d."""
+    """`expected` maps column -> Arrow type, or -> d for a vector column of dim d (0: any dim)."""
     for name, want in expected.items():
         idx = schema.get_field_index(name)
         if idx < 0:
@@ -106,8 +152,9 @@ def check_schema(schema: pa.Schema, expected: dict[str, pa.DataType | int], wher
         if isinstance(want, int):
             d = vector_dim(got)
             if d is None:
-                raise LakeError(f"{where}: column {name!r} has type {got}; expected fixed_size_list<float32>[{want}]")
-            if d != want:
+                raise LakeError(f"{where}: column {name!r} has type {got}; expected a vector column of {want} "
+                                f"floats ({VECTOR_TYPES})")
+            if d and want and d != want:
                 raise LakeError(f"{where}: column {name!r} has dim {d}; expected {want}")
         elif got != want:
             raise LakeError(f"{where}: column {name!r} has type {got}; expected {want}")
@@ -185,6 +232,14 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
         raise
     except (OSError, pa.ArrowException) as e:
         raise read_error(e, where) from None
+    for name, want in expected.items():
+        if isinstance(want, int) and name in table.column_names:
+            x, bad = vectors(table[name], want or None)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                who = f"id {table[id_col][row].as_py()}" if id_col in table.column_names else f"row {row}"
+                raise LakeError(f"{where}: {who}: {vector_problems(table[name], name, x.shape[1], [row])[0]} "
+                                f"({int(bad.sum())} such rows in this file)")
     if id_col in table.column_names:
         dups = duplicate_ids(table[id_col].to_numpy())
         if len(dups):

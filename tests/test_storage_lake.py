@@ -46,6 +46,48 @@ def test_embedding_lake_round_trip_with_producer(any_cfg):
     np.testing.assert_array_equal(lake.to_numpy(t["old"]), v)
 
 
+def vector_layouts(v: np.ndarray) -> dict[str, pa.Array]:
+    """The same vectors in every layout real lakes have."""
+    d = v.shape[1]
+    flat64 = pa.array(v.astype(np.float64).reshape(-1))
+    offsets = pa.array(np.arange(0, v.size + 1, d), pa.int32())
+    return {
+        "fixed_size_list<float32>": lake.to_arrow(v),
+        "list<double> (Spark ArrayType)": pa.ListArray.from_arrays(offsets, flat64),
+        "large_list<float>": pa.LargeListArray.from_arrays(offsets.cast(pa.int64()), pa.array(v.reshape(-1))),
+        "fixed_shape_tensor": pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), [d]), lake.to_arrow(v)),
+        "fixed_size_list<double>": pa.FixedSizeListArray.from_arrays(flat64, d)}
+
+
+@pytest.mark.parametrize("layout", list(vector_layouts(np.zeros((1, 1), np.float32))))
+def test_every_vector_layout_reads_as_the_same_float32_vectors(tmp_path, layout):
+    store = open_store(make_cfg(tmp_path).storage)
+    v = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    path = store.path("lake", "part-0.parquet")
+    lake.write_part(store, path, pa.table({"item": pa.array(np.arange(5)), "vec": vector_layouts(v)[layout]}))
+    t = lake.read_part(store, path, {"item": pa.int64(), "vec": 4}, id_col="item")
+    x, bad = lake.vectors(t["vec"], 4)
+    assert x.dtype == np.float32 and not bad.any()
+    np.testing.assert_allclose(x, v, rtol=1e-7)  # float64 rounds back to the same float32
+
+
+def test_ragged_and_null_vectors_are_bad_rows_named_by_id(tmp_path):
+    store = open_store(make_cfg(tmp_path).storage)
+    col = pa.array([[1.0, 2.0], [3.0], None, [4.0, 5.0]], pa.list_(pa.float64()))
+    x, bad = lake.vectors(col, 2)
+    np.testing.assert_array_equal(bad, [False, True, True, False])
+    np.testing.assert_array_equal(x[[0, 3]], [[1, 2], [4, 5]])
+    assert lake.vector_problems(col, "emb_v1", 2, np.flatnonzero(bad)) == [
+        "vector of length 1 in column 'emb_v1'; expected 2", "null vector in column 'emb_v1'"]
+    path = store.path("lake", "part-0.parquet")
+    lake.write_part(store, path, pa.table({"id": pa.array([10, 11, 12, 13]), "emb_v1": col}))
+    with pytest.raises(LakeError, match=r"part-0.parquet: id 11: vector of length 1 in column 'emb_v1'; "
+                                        r"expected 2 \(2 such rows in this file\)"):
+        lake.read_part(store, path, {"id": pa.int64(), "emb_v1": 2})
+    with pytest.raises(LakeError, match=r"column 'emb_v1' has type string; expected a vector column of 2 floats"):
+        lake.check_schema(pa.schema([("emb_v1", pa.string())]), {"emb_v1": 2}, "x")
+
+
 def test_writes_leave_no_temporaries(any_cfg):
     store = store_of(any_cfg())
     path = store.path("a", "b.bin")
