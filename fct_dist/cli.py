@@ -39,16 +39,24 @@ def _train(stage: str):
             stages.train_new(cfg, store, bct=a.bct, force=a.force)
         else:
             from .pipeline import extract
-            for split in ("train", "test"):  # h's training data: the features extracted by the current models
-                extract.features(cfg, store, split)
-            stages.train_transformation(cfg, store, use_side=not a.no_side, force=a.force)
+            if not a.features:  # h's training data: the features extracted by the current models
+                for split in ("train", "test"):
+                    extract.features(cfg, store, split)
+            stages.train_transformation(cfg, store, use_side=not a.no_side, force=a.force, features=a.features)
     return run
 
 
 def _extract(cfg: Config, store: Store, a) -> None:
     from .pipeline import extract
     models = dict(m.split("=", 1) if "=" in m else (m, m) for m in a.model)
-    extract.extract(cfg, store, a.split, models, a.name or "-".join(models.values()))
+    extract.extract(cfg, store, a.split, models, a.name or "-".join(models.values()), a.input, a.output)
+
+
+def _import_model(cfg: Config, store: Store, a) -> None:
+    from .models import exported
+    meta = exported.import_model(store, a.name, a.file, a.card)
+    log.info("models/%s: %s %s, version %s, %s -> %d-dim embeddings", a.name, meta["card"]["name"],
+             meta["card"]["version"], meta["version"], meta["preprocess"], meta["dims"]["emb"])
 
 
 def _backfill(cfg: Config, store: Store, a) -> None:
@@ -58,7 +66,7 @@ def _backfill(cfg: Config, store: Store, a) -> None:
 
 def _index(cfg: Config, store: Store, a) -> None:
     from .pipeline import index
-    index.build(cfg, store, a.lake, a.split, a.column)
+    index.build(cfg, store, a.lake, a.split, a.column, a.input, a.output)
 
 
 def _search(cfg: Config, store: Store, a) -> None:
@@ -67,7 +75,8 @@ def _search(cfg: Config, store: Store, a) -> None:
     if a.vectors:
         queries = np.load(a.vectors).astype(np.float32)
         names = [f"query {row}" for row in range(len(queries))]
-        d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe)
+        d, i = index.search(store, a.lake, a.split, queries, a.k, cfg.index.nprobe,
+                            directory=store.resolve(a.index) if a.index else None)
     else:
         ids = a.ids or search.spread_ids(store, a.split, 5).tolist()
         q, d, i = search.query(store, a.model, a.lake, a.split, ids, a.k, cfg.index.nprobe)
@@ -82,7 +91,10 @@ def _search(cfg: Config, store: Store, a) -> None:
 
 def _evaluate(cfg: Config, store: Store, a) -> None:
     from . import evaluate
-    evaluate.matrix(cfg, store)
+    if a.features:
+        evaluate.features_matrix(cfg, store, a.features)
+    else:
+        evaluate.matrix(cfg, store)
 
 
 def _upgrade(cfg: Config, store: Store, a) -> None:
@@ -123,10 +135,19 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--bct", action="store_true", help="train BCT's compatible baseline instead")
         if stage == "h":
             s.add_argument("--no-side", action="store_true", help="the ablation without side-info")
+            s.add_argument("--features", metavar="URI", help="train on this features lake (URI/train, URI/test: id, "
+                           "old, side, new vectors named by `columns`) instead of extracting fct's own")
+    s = cmd("import-model", _import_model, "register an exported model (.pt2) and its model card as an artefact")
+    s.add_argument("--name", required=True, help="artefact name (old, side, new: what the stages use)")
+    s.add_argument("--file", required=True, metavar="URI", help="the torch.export program (.pt2, batch dim dynamic)")
+    s.add_argument("--card", metavar="URI", help="its model card (default FILE.card.yaml)")
     s = cmd("extract", _extract, "embed images with one or more models")
     s.add_argument("--model", action="append", required=True, metavar="[COLUMN=]MODEL")
     s.add_argument("--split", default="test")
     s.add_argument("--name", help="output lake name (default: the model names)")
+    s.add_argument("--input", metavar="URI", help="image lake to read instead of images/SPLIT: Parquet with the "
+                   "columns.id and columns.image columns, or a folder of images named by id (000123.jpg)")
+    s.add_argument("--output", metavar="URI", help="embedding lake to write (default: embeddings/NAME/SPLIT)")
     s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
     s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
     s.add_argument("--split", default="test")
@@ -137,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lake", default="fct")
     s.add_argument("--split", default="test")
     s.add_argument("--column", default="emb")
+    s.add_argument("--input", metavar="URI", help="an embedding lake written by fct (e.g. a backfill --output)")
+    s.add_argument("--output", metavar="URI", help="where the index goes (default: INPUT.index)")
     s = cmd("search", _search, "top-k search of the sharded index")
     s.add_argument("--lake", default="fct")
     s.add_argument("--split", default="test")
@@ -146,7 +169,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", type=int, nargs="*", default=[], help="image ids (of --split) to use as queries "
                    "(default: 5 spread over the split)")
     s.add_argument("--plot", metavar="PNG", help="draw the queries and their neighbours into this PNG")
-    cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
+    s.add_argument("--index", metavar="URI", help="search this index (an index --output) with --vectors")
+    s = cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
+    s.add_argument("--features", metavar="URI", help="evaluate on this features lake's test split (needs columns.label)")
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
     s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "

@@ -316,6 +316,14 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """A typed dataclass from a mapping read from `where`, with the config's checks (unknown keys, types)."""
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:

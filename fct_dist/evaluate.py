@@ -202,3 +202,42 @@ def matrix(cfg: Config, store: Store) -> dict:
     for name, r in out["index_recall_at_10"].items():
         log.info("index %s: recall@10 against exact search %s", name, "not measured (lake too large)" if r is None else f"{r:.3f}")
     return out
+
+
+@torch.no_grad()
+def features_matrix(cfg: Config, store: Store, uri: str) -> dict:
+    """The compatibility matrix on a features lake you bring (its test split, with labels): old/old,
+    new/new, and new queries against the old vectors transformed by each transformation artefact
+    trained on this lake (with and without side-info where both exist). Above eval.exact_max_gallery
+    items, a seeded sample of that many is ranked (said in the result)."""
+    from .models import registry
+    from .train.stages import features_lake, read_features
+    f = features_lake(cfg, store, uri)
+    label = cfg.columns.label
+    if lake.read_schema(store, lake.parts(store, f.test)[0]).get_field_index(label) < 0:
+        log.warning("%s has no label column %r: nothing to evaluate (set columns.label)", store.uri(f.test), label)
+        return {"cases": [], "skipped": f"no label column {label!r}"}
+    x = read_features(store, f.test, f.columns, f.dims)
+    t = lake.read_lake(store, f.test, {f.columns["id"]: pa.int64()}, columns=[f.columns["id"], label],
+                       id_col=f.columns["id"])
+    ids, labels = t[f.columns["id"]].to_numpy(), t[label].to_numpy()
+    keep = np.arange(len(ids))
+    if len(ids) > cfg.eval.exact_max_gallery:
+        keep = np.sort(np.random.default_rng(0).choice(len(ids), cfg.eval.exact_max_gallery, replace=False))
+    sources = {OLD: x["old"].numpy(), NEW: x["new"].numpy()}
+    for name in (FCT, FCT_NOSIDE):
+        if registry.exists(store, name) and registry.read_meta(store, name).get("features") == store.uri(f.train):
+            h, _ = registry.load(store, name, {"kind": "transformation"})
+            sources[name] = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096])
+                                       for i in range(0, len(ids), 4096)]).numpy()
+    cases = []
+    for q, g in [(OLD, OLD), (NEW, NEW), (NEW, FCT), (NEW, FCT_NOSIDE), (NEW, OLD)]:
+        if q in sources and g in sources:
+            r = exact_ranking(sources[q][keep], labels[keep], ids[keep], sources[g][keep], labels[keep], ids[keep],
+                              cfg.eval.max_rank, cfg.eval.block_size)
+            cases.append(r | {"query": q, "gallery": g, "label": f"{LABELS[q]} / {LABELS[g]}", "top1": r["cmc"][0],
+                              "top5": r["cmc"][min(4, len(r["cmc"]) - 1)]})
+    out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
+           "items": len(keep), "sampled": len(keep) < len(ids), "lake": store.uri(f.test)}
+    log.info("%s", format_table(cases))
+    return out

@@ -56,8 +56,9 @@ def profiles(cfg: Config) -> list[Profile]:
 def save_models(store: Store, p: Profile) -> None:
     """Random-weight artefacts `new` (the encoder) and `fct` (h) of the profile's sizes."""
     torch.manual_seed(0)
+    resized = {"size": p.input_size, "resize": p.input_size, "channels": 3} if p.input_size else None
     registry.save(store, NEW, ResNet(p.encoder), {"kind": "encoder", "arch": p.encoder, "metrics": {},
-                                                  "dims": {"emb": p.dims["new"]}, "input_size": p.input_size},
+                                                  "dims": {"emb": p.dims["new"]}, "preprocess": resized},
                   key=DATA_VERSION)
     arch = TransformationConfig(p.dims["old"], p.dims["side"], p.dims["new"], p.branch, p.hidden)
     registry.save(store, FCT, Transformation(arch), {

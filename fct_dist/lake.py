@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from . import currency, layout
+from .config import digest
 from .storage import Store, StorageError, is_storage_fault
 
 IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
@@ -271,6 +272,37 @@ def read_lake(store: Store, directory: str, expected: dict[str, pa.DataType | in
     return pa.concat_tables(tables, promote_options="default")
 
 
+def identity(store: Store, directory: str) -> str:
+    """What a finished lake is: its manifest's key (fct's own lakes), else a digest of its Parquet files'
+    (path, size, version): a lake someone else wrote changes identity whenever a file is rewritten."""
+    if store.has_manifest(directory) and store.manifest(directory).get("key"):
+        return store.manifest(directory)["key"]
+    listed = store.list_versions(directory, ".parquet")
+    if not listed:
+        raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
+    return digest(listed)
+
+
+def column_dims(store: Store, directory: str, columns: Iterable[str]) -> dict[str, int | None]:
+    """Vector dim of each column in the lake's first file (a list column: its first row's length);
+    None for a column the lake does not have."""
+    path = parts(store, directory)[0]
+    schema = read_schema(store, path)
+    dims = {}
+    for c in columns:
+        if schema.get_field_index(c) < 0:
+            dims[c] = None
+            continue
+        check_schema(schema, {c: 0}, store.uri(path))
+        d = vector_dim(schema.field(c).type)
+        if not d:  # a list: its rows carry their length; the first row's is the lake's
+            with store.fs.open_input_file(path) as f:
+                first = pq.ParquetFile(f).read_row_group(0, columns=[c])[c]
+            d = vectors(first.slice(0, 1))[0].shape[1]
+        dims[c] = d
+    return dims
+
+
 def encode_png(img: np.ndarray) -> bytes:
     """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
     out = io.BytesIO()
@@ -278,23 +310,30 @@ def encode_png(img: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`, RGB resized and centre-cropped to size x size."""
+def decode_image(data: bytes, size: int | None = None, resize: int | None = None, channels: int = 3) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`: RGB (or grey for channels=1), the shorter side
+    resized to `resize` (default size), centre-cropped to size x size."""
     im = Image.open(io.BytesIO(data))
     if size is None:
         return np.asarray(im)
-    im.draft("RGB", (size, size))  # JPEG: let libjpeg decode at the smallest scale still >= size
-    return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size)))
+    r, mode = resize or size, "RGB" if channels == 3 else "L"
+    im.draft(mode, (r, r))  # JPEG: let libjpeg decode at the smallest scale still >= r
+    im = ImageOps.fit(im.convert(mode), (r, r))  # = shorter side to r, centre square
+    if r > size:
+        o = (r - size) // 2
+        im = im.crop((o, o, o + size, o + size))
+    return np.asarray(im)
 
 
 def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
-                  ids: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (n, C, H, W); an image that does not decode is named by id."""
+                  ids: np.ndarray | None = None, size: int | None = None, resize: int | None = None,
+                  channels: int = 3) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (n, C, H, W) (see decode_image); an image that does not decode is named by id."""
     values = col.to_pylist() if hasattr(col, "to_pylist") else col
     out = []
     for i, b in enumerate(values):
         try:
-            a = decode_image(b, size)
+            a = decode_image(b, size, resize, channels)
         except Exception as e:  # PIL raises many types for corrupt bytes
             who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
             raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None

@@ -1,11 +1,16 @@
-"""A user's own images, one sub-folder per class: DIR/<class>/*.png|jpg|jpeg."""
+"""A user's own images: one sub-folder per class (DIR/<class>/*.png|jpg|jpeg) for `fct data`, or a
+flat folder of images named by id (DIR/000123.jpg) for `fct extract`, packed into Parquet first."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from ..config import ConfigError
+from .. import currency, lake
+from ..config import ConfigError, digest
+from ..lake import LakeError
+from ..storage import Store
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -33,3 +38,40 @@ def load(root: str | Path, test_fraction: float, seed: int) -> tuple[dict[str, t
                       [files[i].read_bytes() for i in idx], np.asarray(labels, np.int32)[idx])
         next_id += len(idx)
     return out, classes
+
+
+def is_image_folder(store: Store, directory: str) -> bool:
+    """True when `directory` holds images (and no Parquet files)."""
+    names = [path.lower() for path, _, _ in store.list_versions(directory)]
+    return any(Path(n).suffix in SUFFIXES for n in names) and not any(n.endswith(".parquet") for n in names)
+
+
+def pack(store: Store, directory: str, out_dir: str, rows_per_file: int) -> dict:
+    """Pack a flat folder of images into an image lake (id, image) at `out_dir`, ids from the file names
+    (`000123.jpg` -> 123); redone only when the folder's listing changes. Returns the manifest."""
+    listing = [f for f in store.list_versions(directory) if Path(f[0]).suffix.lower() in SUFFIXES]
+    key = digest("folder", store.uri(directory), listing)  # (path, size, version) of every image
+    done = currency.current(store, out_dir, key)
+    if done:
+        return done
+    files, ids = [path for path, _, _ in listing], []
+    for path in files:
+        stem = Path(path).stem
+        if not stem.isdigit():
+            raise LakeError(f"{store.uri(path)}: the file name is not an id; expected images named by their "
+                            "integer id (e.g. 000123.jpg)")
+        ids.append(int(stem))
+    dups = lake.duplicate_ids(np.asarray(ids, np.int64))
+    if len(dups):
+        same = [store.uri(p) for p, x in zip(files, ids) if x == dups[0]]
+        raise LakeError(f"id {int(dups[0])} is named by more than one file: {', '.join(same)}")
+    store.delete(out_dir)
+    names = []
+    for k, start in enumerate(range(0, len(files), rows_per_file)):
+        chunk = files[start:start + rows_per_file]
+        table = pa.table({"id": pa.array(ids[start:start + rows_per_file], pa.int64()),
+                          "image": pa.array([store.read_bytes(p) for p in chunk], pa.binary())})
+        names.append(lake.part_name(k))
+        lake.write_part(store, f"{out_dir}/{names[-1]}", table)
+    return currency.commit(store, out_dir, key, {"kind": "images", "rows": len(files), "files": names,
+                                                 "source": store.uri(directory)})

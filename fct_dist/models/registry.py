@@ -2,7 +2,9 @@
 
 The version is the SHA-256 of model.pt; loading verifies it, loads with `weights_only=True`, and
 refuses an artefact whose meta does not match what the caller expects. meta.json records the
-artefact's kind and its typed architecture config (as a dict), from which `build` rebuilds it."""
+artefact's kind and its typed architecture config (as a dict), from which `build` rebuilds it.
+A model a team brings (kind `exported`, see exported.py) is its torch.export program, model.pt2, and its
+card; it is hash-verified the same way."""
 from __future__ import annotations
 
 import dataclasses
@@ -64,13 +66,16 @@ def save(store: Store, name: str, module: nn.Module, meta: dict, key: str) -> di
     `meta["arch"]` is the module's typed config."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
-    data = buf.getvalue()
-    meta = meta | {"name": name, "arch": dataclasses.asdict(meta["arch"]),
-                   "version": hashlib.sha256(data).hexdigest()[:16],
-                   "params": sum(p.numel() for p in module.parameters()),
+    return save_bytes(store, name, buf.getvalue(), meta | {
+        "arch": dataclasses.asdict(meta["arch"]), "params": sum(p.numel() for p in module.parameters())}, key)
+
+
+def save_bytes(store: Store, name: str, data: bytes, meta: dict, key: str) -> dict:
+    """Write the artefact's file (meta["file"], default model.pt), then meta.json with its version."""
+    meta = meta | {"name": name, "version": hashlib.sha256(data).hexdigest()[:16],
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     directory = layout.model(store, name)
-    store.write_bytes(f"{directory}/model.pt", data)
+    store.write_bytes(f"{directory}/{meta.get('file', 'model.pt')}", data)
     return currency.commit(store, directory, key, meta, META)
 
 
@@ -97,10 +102,15 @@ def load(store: Store, name: str, expect: dict | None = None) -> tuple[nn.Module
     directory = layout.model(store, name)
     where = store.uri(directory)
     check(meta, expect or {}, where)
-    data = store.read_bytes(f"{directory}/model.pt")
+    file = meta.get("file", "model.pt")
+    data = store.read_bytes(f"{directory}/{file}")
     if hashlib.sha256(data).hexdigest()[:16] != meta["version"]:
-        raise ArtefactError(f"{where}/model.pt: hash does not match meta version {meta['version']} "
+        raise ArtefactError(f"{where}/{file}: hash does not match meta version {meta['version']} "
                             "(tampered or partly written artefact)")
+    if meta["kind"] == "exported":  # a team's exported model (exported.py builds on this module)
+        from . import exported
+        card = exported.ModelCard(**meta["card"])
+        return exported.module(data, card, f"{where}/{file} ({card.name} {card.version})"), meta
     module = build(meta["kind"], meta["arch"])
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     try:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from .. import lake, layout
-from ..config import Config, digest
+from ..config import Columns, Config, digest
+from ..datasets import folder
 from ..lake import LakeError
 from ..layout import FEATURES, NEW, OLD, SIDE, STORED
 from ..models import registry
@@ -21,27 +23,27 @@ from .distribute import run
 class ExtractFn:
     """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows.
 
-    Models whose meta names an `input_size` get images resized and centre-cropped to it (all models
-    of one pass share it)."""
+    Images are decoded as the models' `preprocess` says (a team's model card: size, resize, channels;
+    our own models: native size); the models of one pass must agree on it."""
 
-    def __init__(self, store: Store, models: dict[str, str], precision: str):
-        self.models, self.dims, sizes = {}, {}, set()
+    def __init__(self, store: Store, models: dict[str, str], precision: str, image_col: str = "image"):
+        self.models, self.dims, ways = {}, {}, set()
         for col, name in models.items():
             module, meta = registry.load(store, name)
             self.models[col], self.device, self.dtype = place(registry.embedder(meta["kind"], module), precision)
             self.dims[col] = meta["dims"]["emb"]
-            sizes.add(meta.get("input_size"))
-        if len(sizes) > 1:
-            raise LakeError(f"models {sorted(models.values())} expect different input sizes {sorted(map(str, sizes))}; "
+            ways.add(json.dumps(meta.get("preprocess"), sort_keys=True))
+        if len(ways) > 1:
+            raise LakeError(f"models {sorted(models.values())} decode images differently ({' vs '.join(sorted(ways))}); "
                             "extract them in separate passes")
-        self.size = sizes.pop()
+        self.preprocess, self.image_col = json.loads(ways.pop()) or {}, image_col
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
         images, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
-        for i, b in enumerate(rb.column("image").to_pylist()):
+        for i, b in enumerate(rb.column(self.image_col).to_pylist()):
             try:
-                images.append(lake.decode_images([b], size=self.size))
+                images.append(lake.decode_images([b], **self.preprocess))
             except LakeError as e:
                 invalid[i] = True
                 reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")
@@ -51,24 +53,35 @@ class ExtractFn:
         return invalid, reasons, {c: m(x).float().cpu().numpy() for c, m in self.models.items()}
 
 
-def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> filemap.FileJob:
-    """The extraction of images/{split} by `models` ({output column: artefact name}) into
-    embeddings/{out_name}/{split}; the artefacts are verified here, before any worker starts."""
+def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
+                input: str | None = None, output: str | None = None) -> filemap.FileJob:
+    """The extraction of an image lake by `models` ({output column: artefact name}): images/{split} into
+    embeddings/{out_name}/{split}, or the lake at `input` (Parquet with the `columns.id` and
+    `columns.image` columns, or a folder of images named by id, packed first into OUTPUT.images) into
+    `output` (URIs). The artefacts are verified here, before any worker starts."""
+    cols = cfg.columns if input else Columns()
+    out_dir = store.resolve(output) if output else layout.embeddings(store, out_name, split)
+    in_dir = store.resolve(input) if input else layout.images(store, split)
+    if input and folder.is_image_folder(store, in_dir):
+        in_dir, cols = f"{out_dir}.images", Columns()
+        folder.pack(store, store.resolve(input), in_dir, cfg.data.rows_per_file)
     producer = {}
     for col, name in models.items():
         _, meta = registry.load(store, name)
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
     return filemap.FileJob(
-        store=store, in_dir=layout.images(store, split), out_dir=layout.embeddings(store, out_name, split),
-        rejected_dir=layout.rejected(store, out_name, split),
-        expected={"id": pa.int64(), "image": pa.binary()}, columns=["id", "image"],
-        make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision), producer=producer,
-        fingerprint=digest(producer, cfg.extract.precision), actors=cfg.extract, name="extract")
+        store=store, in_dir=in_dir, out_dir=out_dir,
+        rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, out_name, split),
+        expected={cols.id: pa.int64(), cols.image: pa.binary()}, columns=[cols.id, cols.image],
+        make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision, cols.image), producer=producer,
+        fingerprint=digest(producer, cfg.extract.precision, cols.image), actors=cfg.extract, id_col=cols.id,
+        name="extract")
 
 
-def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str) -> dict:
-    """Embed images/{split} with `models` ({output column: artefact name}) into embeddings/{out_name}/{split}."""
-    return run(cfg, extract_job(cfg, store, split, models, out_name))
+def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
+            input: str | None = None, output: str | None = None) -> dict:
+    """Embed an image lake with `models` ({output column: artefact name}); see extract_job."""
+    return run(cfg, extract_job(cfg, store, split, models, out_name, input, output))
 
 
 def stored(cfg: Config, store: Store, split: str = "test") -> dict:

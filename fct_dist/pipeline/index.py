@@ -57,23 +57,23 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         ivf.nprobe = nprobe
 
 
-def read_vectors(store: Store, path: str, column: str, d: int) -> tuple[np.ndarray, np.ndarray]:
-    t = lake.read_part(store, path, {"id": pa.int64(), column: d}, columns=["id", column])
+def read_vectors(store: Store, path: str, column: str, d: int, id_col: str = "id") -> tuple[np.ndarray, np.ndarray]:
+    t = lake.read_part(store, path, {id_col: pa.int64(), column: d}, columns=[id_col, column], id_col=id_col)
     x = lake.to_numpy(t[column])
     if not np.isfinite(x).all():
         raise LakeError(f"{store.uri(path)}: NaN/inf vectors in column {column!r}; an index needs finite vectors")
-    return t["id"].to_numpy(), x
+    return t[id_col].to_numpy(), x
 
 
 @ray.remote
-def _add_shard(trained: bytes, store: Store, files: list[str], column: str, d: int, out: str,
+def _add_shard(trained: bytes, store: Store, files: list[str], column: str, d: int, id_col: str, out: str,
                use_gpu: bool) -> dict:
     """One shard: a copy of the trained empty index plus this slice of the lake, written atomically."""
     t0 = time.time()
     index = to_gpu(faiss.deserialize_index(np.frombuffer(trained, np.uint8)), use_gpu)
     rows = 0
     for path in files:
-        ids, x = read_vectors(store, path, column, d)
+        ids, x = read_vectors(store, path, column, d, id_col)
         index.add_with_ids(x, ids)
         rows += len(ids)
     data = faiss.serialize_index(to_cpu(index)).tobytes()
@@ -81,11 +81,12 @@ def _add_shard(trained: bytes, store: Store, files: list[str], column: str, d: i
     return {"file": out.rsplit("/", 1)[1], "rows": rows, "bytes": len(data), "seconds": time.time() - t0}
 
 
-def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, seed: int = 0) -> np.ndarray:
+def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, id_col: str = "id",
+                   seed: int = 0) -> np.ndarray:
     """Up to n training vectors, read from randomly chosen files until enough."""
     rng, chunks, got = np.random.default_rng(seed), [], 0
     for i in rng.permutation(len(files)):
-        chunks.append(read_vectors(store, files[i], column, d)[1])
+        chunks.append(read_vectors(store, files[i], column, d, id_col)[1])
         got += len(chunks[-1])
         if got >= n:
             break
@@ -107,9 +108,13 @@ def current(cfg: Config, store: Store, name: str, split: str, column: str = "emb
     return currency.current(store, layout.index(store, name, split, column), digest(s))
 
 
-def build(cfg: Config, store: Store, name: str, split: str = "test", column: str = "emb") -> dict:
-    """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest."""
-    src, out = layout.embeddings(store, name, split), layout.index(store, name, split, column)
+def build(cfg: Config, store: Store, name: str, split: str = "test", column: str = "emb", input: str | None = None,
+          output: str | None = None) -> dict:
+    """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest;
+    or the fct-written lake at the URI `input` (ids in `columns.id`) into `output` (default INPUT.index)."""
+    src = store.resolve(input) if input else layout.embeddings(store, name, split)
+    out = store.resolve(output) if output else f"{src}.index" if input else layout.index(store, name, split, column)
+    id_col = cfg.columns.id if input else "id"
     source = store.manifest(src)
     s = settings(cfg, source, column)
     done = currency.current(store, out, digest(s))
@@ -120,7 +125,7 @@ def build(cfg: Config, store: Store, name: str, split: str = "test", column: str
     t0, d, use_gpu = time.time(), s["dim"], want_gpu(cfg.index.use_gpu)
     files = lake.parts(store, src)
     index = new_index(s["factory"], d)
-    sample = sample_vectors(store, files, column, d, s["train_sample"])
+    sample = sample_vectors(store, files, column, d, s["train_sample"], id_col)
     if not index.is_trained:
         gpu_index = to_gpu(index, use_gpu)
         gpu_index.train(sample)
@@ -131,7 +136,7 @@ def build(cfg: Config, store: Store, name: str, split: str = "test", column: str
     slices = [files[i::n_shards] for i in range(n_shards)]
     ref = ray.put(trained)
     shards = ray.get([_add_shard.options(num_cpus=0.5, num_gpus=1 if use_gpu else 0).remote(
-        ref, store, sl, column, d, f"{out}/shard-{i:05d}.faiss", use_gpu) for i, sl in enumerate(slices)])
+        ref, store, sl, column, d, id_col, f"{out}/shard-{i:05d}.faiss", use_gpu) for i, sl in enumerate(slices)])
     seconds = time.time() - t0
     rows = sum(sh["rows"] for sh in shards)
     manifest = currency.commit(store, out, digest(s), {
@@ -155,8 +160,10 @@ def _load_shard(store: Store, directory: str, file: str) -> faiss.Index:
         raise StorageError(f"index shard {store.uri(path)} is corrupt: {str(e).splitlines()[0]}") from None
 
 
-def load(store: Store, name: str, split: str = "test", column: str = "emb") -> tuple[list[faiss.Index], dict]:
-    directory = layout.index(store, name, split, column)
+def load(store: Store, name: str, split: str = "test", column: str = "emb",
+         directory: str | None = None) -> tuple[list[faiss.Index], dict]:
+    """The shards and manifest of index/{name}/{split} (of `column`), or of the index at `directory`."""
+    directory = directory or layout.index(store, name, split, column)
     manifest = store.manifest(directory)
     return [_load_shard(store, directory, s["file"]) for s in manifest["shards"]], manifest
 
@@ -178,9 +185,11 @@ def search_shards(shards: list[faiss.Index], queries: np.ndarray, k: int, nprobe
 
 
 def search(store: Store, name: str, split: str, queries: np.ndarray, k: int, nprobe: int,
-           column: str = "emb") -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (distances, ids) over every shard of the index of embeddings/{name}/{split} (its `column`)."""
-    shards, manifest = load(store, name, split, column)
+           column: str = "emb", directory: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (distances, ids) over every shard of the index of embeddings/{name}/{split} (its `column`),
+    or of the index at `directory`."""
+    shards, manifest = load(store, name, split, column, directory)
     if queries.shape[1] != manifest["dim"]:
-        raise LakeError(f"queries have dim {queries.shape[1]}; index/{name}/{split} has dim {manifest['dim']}")
+        raise LakeError(f"queries have dim {queries.shape[1]}; the index {store.uri(directory or layout.index(store, name, split, column))} "
+                        f"has dim {manifest['dim']}")
     return search_shards(shards, queries, k, nprobe)

@@ -108,17 +108,27 @@ class SimCLRTask(ImageTask):
         return losses.nt_xent(model(augment.view(x)), model(augment.view(x)), self.opt.temperature)
 
 
+def read_features(store: Store, directory: str, columns: dict[str, str], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    """{role: (n, d) float32} of a features lake; `columns` maps id, old, new (and side) to column names.
+    Without side-info, `side` is `old` (the no-side transformation feeds old into both branches)."""
+    vec = {r: c for r, c in columns.items() if r != "id"}
+    t = lake.read_lake(store, directory, {columns["id"]: pa.int64()} | {c: dims[r] for r, c in vec.items()},
+                       columns=[columns["id"], *vec.values()], id_col=columns["id"])
+    x = {r: torch.from_numpy(lake.to_numpy(t[c])) for r, c in vec.items()}
+    return x | {"side": x.get("side", x["old"])}
+
+
 @dataclass
 class TransformationTask(Task):
     store: Store = None
-    features: str = ""  # directory of the feature lake (id, old, side, new)
+    features: str = ""  # directory of the feature lake's train split
+    columns: dict = None  # role (id, old, side, new) -> column name
     arch: TransformationConfig = None
 
     def dataset(self) -> TensorDataset:
         a = self.arch
-        dims = {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim}
-        t = lake.read_lake(self.store, self.features, {"id": pa.int64()} | dims)
-        return TensorDataset(*(torch.tensor(lake.to_numpy(t[c])) for c in dims))
+        x = read_features(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim})
+        return TensorDataset(x["old"], x["side"], x["new"])
 
     def model(self) -> nn.Module:
         return Transformation(self.arch)

@@ -8,22 +8,22 @@ stage wrote) and starts no other stage.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import logging
 import time
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn as nn
 
 from .. import lake, layout
-from ..config import Config, digest
+from ..config import Columns, Config, digest
 from ..datasets import old_classes
 from ..lake import LakeError
 from ..layout import BCT, FCT, FCT_NOSIDE, FEATURES, NEW, OLD, SIDE
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
-from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask
+from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask, read_features
 from .trainer import fit
 
 log = logging.getLogger(__name__)
@@ -120,37 +120,68 @@ def transformation_name(use_side: bool) -> str:
     return FCT if use_side else FCT_NOSIDE
 
 
-def feature_lake(store: Store, split: str) -> tuple[str, dict]:
-    """(directory, manifest) of the transformation's training features (id, old, side, new)."""
-    directory = layout.embeddings(store, FEATURES, split)
-    if not store.has_manifest(directory):
-        raise LakeError(f"{store.uri(directory)}: no finished feature lake; extract it first "
-                        f"(fct extract --model old --model side --model new --name {FEATURES} --split {split})")
-    return directory, store.manifest(directory)
+@dataclass(frozen=True)
+class Features:
+    """A features lake: train and test splits with id, old, new and (optionally) side vectors."""
+    train: str
+    test: str
+    columns: dict  # role (id, old, side, new) -> column name; no "side" when the lake has none
+    dims: dict  # role -> dim
+    versions: dict  # role -> version of the model that produced it (None when the lake does not say)
+    key: str  # what the lake is (both splits' identities and the columns read)
 
 
-def train_transformation(cfg: Config, store: Store, use_side: bool = True, force: bool = False) -> dict:
-    """h(old, side) -> new on the feature lake's train split (the extract stage's output)."""
+def features_lake(cfg: Config, store: Store, uri: str | None = None) -> Features:
+    """The features fct extracted (embeddings/features/{split}) or, with `uri`, any lake at URI/train and
+    URI/test read with the `columns` names (labels optional, side-info optional)."""
+    if uri is None:
+        dirs, cols = [layout.embeddings(store, FEATURES, s) for s in ("train", "test")], Columns()
+        for d, split in zip(dirs, ("train", "test")):
+            if not store.has_manifest(d):
+                raise LakeError(f"{store.uri(d)}: no finished feature lake; extract it first (fct extract --model old "
+                                f"--model side --model new --name {FEATURES} --split {split})")
+    else:
+        dirs, cols = [f"{store.resolve(uri)}/{s}" for s in ("train", "test")], cfg.columns
+    roles = {"old": cols.old, "side": cols.side, "new": cols.new}
+    dims = {r: d for r, d in zip(roles, lake.column_dims(store, dirs[0], roles.values()).values())}
+    for role in ("old", "new"):
+        if dims[role] is None:
+            raise LakeError(f"{store.uri(dirs[0])}: no {role} vector column {roles[role]!r} (set columns.{role})")
+    if dims["side"] is None:
+        del roles["side"], dims["side"]
+    prod = lake.producer_of(lake.read_schema(store, lake.parts(store, dirs[0])[0]))
+    versions = {r: prod.get(c, {}).get("version") for r, c in roles.items()}
+    key = digest([lake.identity(store, d) for d in dirs], roles, cols.id)
+    return Features(*dirs, {"id": cols.id} | roles, dims, versions, key)
+
+
+def train_transformation(cfg: Config, store: Store, use_side: bool = True, force: bool = False,
+                         features: str | None = None) -> dict:
+    """h(old, side) -> new on a features lake's train split (the extract stage's, or the one at the URI
+    `features`); a lake without side-info gets the no-side transformation."""
+    f = features_lake(cfg, store, features)
+    if use_side and "side" not in f.dims:
+        log.warning("[h] %s has no side-info column %r: training FCT's no-side transformation (%s) instead",
+                    store.uri(f.train), cfg.columns.side, FCT_NOSIDE)
+        use_side = False
     name = transformation_name(use_side)
-    (train_dir, train), (test_dir, test) = feature_lake(store, "train"), feature_lake(store, "test")
-    prod = train["producer"]
-    dims = {c: prod[c]["dim"] for c in ("old", "side", "new")}
+    columns = f.columns if use_side else {r: c for r, c in f.columns.items() if r != "side"}
+    dims = {"old": f.dims["old"], "side": f.dims["side"] if use_side else 0, "new": f.dims["new"]}
     t = cfg.models.transformation
     arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side)
-    versions = {c: prod[c]["version"] for c in ("old", "side", "new")}
-    key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch),
-                 train["key"], test["key"])
-    task = TransformationTask(opt=cfg.train.transformation, store=store, features=train_dir, arch=arch)
-    meta = {"kind": "transformation", "arch": arch, "dims": dims, "producers": versions,
-            "uses_side_info": use_side}
-    return _run(cfg, store, name, key, task, meta, force, lambda m: (m, transformation_error(m, store, test_dir, dims)))
+    key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key)
+    task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch)
+    meta = {"kind": "transformation", "arch": arch, "dims": dims, "uses_side_info": use_side,
+            "producers": {r: f.versions.get(r) for r in ("old", "side", "new")}, "features": store.uri(f.train)}
+    return _run(cfg, store, name, key, task, meta, force,
+                lambda m: (m, transformation_error(m, store, f.test, columns, dims)))
 
 
 @torch.no_grad()
-def transformation_error(h: nn.Module, store: Store, features: str, dims: dict) -> dict:
+def transformation_error(h: nn.Module, store: Store, features: str, columns: dict, dims: dict) -> dict:
     """Test MSE of h against the new embeddings, and relative to their variance (1.0 = predicting the mean)."""
-    t = lake.read_lake(store, features, {"id": pa.int64()} | dims)
-    old, side, new = (torch.tensor(lake.to_numpy(t[c])) for c in ("old", "side", "new"))
+    x = read_features(store, features, columns, dims)
+    old, side, new = x["old"], x["side"], x["new"]
     pred = torch.cat([h(old[i:i + 4096], side[i:i + 4096]) for i in range(0, len(old), 4096)])
     mse = float(((pred - new) ** 2).mean())
     return {"test_mse": mse, "test_mse_over_variance": mse / float(new.var(dim=0).mean())}
