@@ -18,10 +18,12 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from fct_dist import cli, evaluate, lake
+from fct_dist import cli, datasets, evaluate, lake
 from fct_dist.datasets import synthetic
 from fct_dist.models import registry
+from fct_dist.pipeline import index
 from fct_dist.storage import open_store
+from fct_dist.train import stages
 
 from .support import make_cfg
 
@@ -34,10 +36,10 @@ IN_DRIVER = ("--set", "train.num_workers=0")  # h trained in the test's process:
 class MLP(nn.Module):
     """The team's old model and side-info encoder: flatten -> MLP."""
 
-    def __init__(self, out: int, seed: int):
+    def __init__(self, out: int, seed: int, channels: int = 3):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 32), nn.GELU(), nn.Linear(32, out))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * SIZE * SIZE, 32), nn.GELU(), nn.Linear(32, out))
 
     def forward(self, x):
         return self.net(x)
@@ -71,7 +73,7 @@ def card(name: str, dim: int, **over) -> dict:
 
 def export(path, model: nn.Module, model_card: dict) -> None:
     """What the team does: torch.export with a dynamic batch dim, saved as .pt2, and a card beside it."""
-    program = torch.export.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),),
+    program = torch.export.export(model.eval(), (torch.zeros(2, model_card["channels"], SIZE, SIZE),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
     (path.parent / f"{path.name}.card.yaml").write_text(yaml.safe_dump(model_card))
@@ -133,7 +135,8 @@ def team(tmp_path, s3_endpoint, ray_local):
             *(f"columns.{k}={v}" for k, v in COLUMNS.items())]
     return {"cfg": make_cfg(f"s3://{bucket}/fct", *sets[2:], endpoint=s3_endpoint), "store": store, "uri": f"s3://{bucket}/team",
             "local": tmp_path, "models": models, "data": data, "stored": stored,
-            "fct": lambda *args: cli.main([*args, "--preset", "tiny", *(x for s in sets for x in ("--set", s))])}
+            # fct COMMAND ...: the team's settings first, so that a test's own --set wins
+            "fct": lambda cmd, *args: cli.main([cmd, "--preset", "tiny", *(x for s in sets for x in ("--set", s)), *args])}
 
 
 def test_upgrade_your_own_lake_end_to_end(team):
@@ -172,6 +175,8 @@ def test_upgrade_your_own_lake_end_to_end(team):
     np.testing.assert_allclose(lake.to_numpy(out["emb_v2"]), want.numpy(), atol=1e-5)
     assert fct("index", "--input", f"{uri}/upgraded", "--column", "emb_v2") == 0
     assert store.manifest(store.resolve(f"{uri}/upgraded.index"))["rows"] == len(ids)
+    _, top = index.search(store, "", "", lake.to_numpy(out["emb_v2"])[:5], 1, 1, directory=store.resolve(f"{uri}/upgraded.index"))
+    np.testing.assert_array_equal(top[:, 0], out["item_id"].to_numpy()[:5])  # each backfilled vector finds its own id
     result = evaluate.features_matrix(cfg, store, f"{uri}/features")
     assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),
                                                                      ("new", "old")]
@@ -230,3 +235,29 @@ def test_a_wrong_card_a_wrong_dim_and_a_ragged_vector_each_give_their_clear_erro
     assert fct("backfill", "--input", f"{uri}/ragged", "--output", f"{uri}/ragged-out") == 2
     assert (f"id {bad[5]['item_id']}: vector of length 7 in column 'emb_v1'; expected 8") in caplog.text
     assert "part-00000-" in caplog.text and not store.has_manifest(store.resolve(f"{uri}/ragged-out"))
+    assert fct("backfill", "--input", f"{uri}/ragged", "--output", f"{uri}/ragged-out",
+               "--set", "backfill.on_bad_input=quarantine") == 0
+    assert store.manifest(store.resolve(f"{uri}/ragged-out"))["rows"] == len(bad) - 1
+    rejected = lake.read_lake(store, store.resolve(f"{uri}/ragged-out.rejected"), {"item_id": pa.int64()}, id_col="item_id")
+    assert rejected["item_id"].to_pylist() == [bad[5]["item_id"]]
+    assert rejected["reason"].to_pylist() == ["vector of length 7 in column 'emb_v1'; expected 8"]
+
+
+def test_bct_with_an_old_model_without_classifier_uses_its_class_means(tmp_path, ray_local):
+    root = str(tmp_path / "root")
+    cfg = make_cfg(root, "train.num_workers=0")
+    store = open_store(cfg.storage)
+    datasets.fill(cfg, store)  # the tiny preset's grey 16x16 images
+    old = MLP(8, 0, channels=1)
+    export(tmp_path / "old.pt2", old, card("team-old", 8, channels=1, mean=[0.5], std=[0.25]))
+    run = ["--preset", "tiny", "--set", f"storage.root={root}", "--set", "train.num_workers=0"]
+    assert cli.main(["import-model", *run, "--name", "old", "--file", str(tmp_path / "old.pt2")]) == 0
+    classes, weight, meta = stages.old_classifier(cfg, store)
+    _, x, y = lake.read_images(store, "train")
+    with torch.no_grad():
+        e = old.eval()((torch.from_numpy(x).float() / 255 - 0.5) / 0.25).numpy()
+    assert classes == sorted(set(y.tolist()))
+    np.testing.assert_allclose(weight.numpy(), [e[y == c].mean(0) for c in classes], atol=1e-5)
+    assert cli.main(["train-new", "--bct", *run]) == 0
+    bct = registry.read_meta(store, "bct")
+    assert bct["dims"]["emb"] == 8 and bct["compatible_with"] == {"old": meta["version"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn as nn
+from ray.train.v2.api.context import LocalTrainContext
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .. import lake, losses
@@ -181,6 +183,8 @@ def train_loop_per_worker(config: dict) -> None:
     total, warmup = opt.epochs * steps, int(opt.warmup_epochs * steps)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    # train.num_workers=0 runs this loop in the driver (Ray Train's local mode): no upload, no resume
+    local, kept = isinstance(ray.train.get_context(), LocalTrainContext), None
     for epoch in range(start, opt.epochs):
         sampler.set_epoch(epoch)
         model.train()
@@ -205,11 +209,15 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
                                   f"{metrics['items_per_s']:.0f} items/s")
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                bare = model.module if hasattr(model, "module") else model
-                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "history": history}, os.path.join(d, STATE))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        d, ckpt = tempfile.mkdtemp(prefix="fct-ckpt-"), None
+        if rank == 0:
+            bare = model.module if hasattr(model, "module") else model
+            torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1, "history": history}, os.path.join(d, STATE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)  # uploads it to storage, except in local mode
+        if local:  # Ray keeps only a reference to the folder: keep the last one, `fit` reads and removes it
+            shutil.rmtree(kept, ignore_errors=True)
+            kept = d
+        else:
+            shutil.rmtree(d, ignore_errors=True)

@@ -13,6 +13,7 @@ import logging
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn as nn
 
@@ -94,17 +95,36 @@ def train_side_info(cfg: Config, store: Store, force: bool = False) -> dict:
     return _run(cfg, store, SIDE, key, task, meta, force, lambda m: (m.backbone, {}))
 
 
+def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, dict]:
+    """(classes, weight (k, d), meta) of the old model's classifier, for BCT's influence loss. An old
+    model without one (a team's exported embedder) gets the class means of its train-split embeddings,
+    BCT's own rule for the classes an old classifier lacks."""
+    module, meta = registry.load(store, OLD)
+    if meta["kind"] == "classifier":
+        return meta["classes"], module.fc.weight.detach().clone(), meta
+    log.warning("[bct] the old model %s has no classifier: BCT's influence loss uses the class means of its "
+                "embeddings of the train split", meta.get("card", {}).get("name", OLD))
+    from ..pipeline import extract
+    extract.extract(cfg, store, "train", {"emb": OLD}, OLD)
+    emb = lake.read_lake(store, layout.embeddings(store, OLD, "train"), {"id": pa.int64()}).sort_by("id")
+    truth = lake.read_lake(store, layout.images(store, "train"), {"id": pa.int64(), "label": pa.int32()},
+                           columns=["id", "label"]).sort_by("id")
+    y = truth["label"].to_numpy()[np.searchsorted(truth["id"].to_numpy(), emb["id"].to_numpy())]
+    x, classes = lake.to_numpy(emb["emb"]), sorted(int(c) for c in np.unique(y))
+    return classes, torch.from_numpy(np.stack([x[y == c].mean(0) for c in classes])), meta
+
+
 def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False) -> dict:
     """The new model on all classes; with `bct`, BCT's baseline (old dim + old classifier's influence)."""
     labels, _ = classes_of(cfg, store)
     name, opt = (BCT, cfg.train.bct) if bct else (NEW, cfg.train.new)
     emb_dim, extra, compat = None, {}, {}
     if bct:
-        old_model, old_meta = registry.load(store, OLD, {"kind": "classifier"})
+        old_classes, old_fc, old_meta = old_classifier(cfg, store)
         emb_dim = old_meta["dims"]["emb"]
         index = torch.full((len(labels),), -1, dtype=torch.long)  # target position -> old classifier output
-        index[torch.from_numpy(np.searchsorted(labels, old_meta["classes"]))] = torch.arange(len(old_meta["classes"]))
-        extra = {"old_fc": old_model.fc.weight.detach().clone(), "old_index": index}
+        index[torch.from_numpy(np.searchsorted(labels, old_classes))] = torch.arange(len(old_classes))
+        extra = {"old_fc": old_fc, "old_index": index}
         compat = {"compatible_with": {OLD: old_meta["version"]}}
     arch = ClassifierConfig(backbone_arch(cfg.models.new, store, emb_dim), len(labels))
     key = digest(cfg.fingerprint("models.new", f"train.{name}"), data_version(store), compat or None)

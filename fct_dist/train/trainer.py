@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 
 import ray
@@ -94,6 +95,8 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
         ray.kill(board)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")
+    if cfg.train.num_workers == 0:  # local mode: the checkpoint is the loop's own temp folder (see loop.py)
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     module = task.model()
     module.load_state_dict(state["model"])
     return module.eval(), state["history"]
