@@ -157,8 +157,8 @@ def test_upgrade_your_own_lake_end_to_end(team):
     np.testing.assert_allclose(lake.to_numpy(t["emb_v1"]), embed(team["models"]["old"], images), atol=1e-5)
     np.testing.assert_allclose(lake.to_numpy(t["emb_v2"]), embed(team["models"]["new"], images), atol=1e-5)
     assert fct("extract", "--model", "emb_v2=new", "--input", f"{uri}/folder", "--output", f"{uri}/from-folder") == 0
-    f = lake.read_lake(store, store.resolve(f"{uri}/from-folder"), {"id": pa.int64()}).sort_by("id")
-    np.testing.assert_array_equal(f["id"].to_numpy(), ids[:10])  # ids from the file names
+    f = lake.read_lake(store, store.resolve(f"{uri}/from-folder"), {"item_id": pa.int64()}, id_col="item_id").sort_by("item_id")
+    np.testing.assert_array_equal(f["item_id"].to_numpy(), ids[:10])  # ids from the file names
     np.testing.assert_allclose(lake.to_numpy(f["emb_v2"]), lake.to_numpy(t["emb_v2"])[:10], atol=1e-6)
 
     # h from the team's features lake (list<double>), the backfill of its stored lake, an index, the evaluation

@@ -46,11 +46,12 @@ def is_image_folder(store: Store, directory: str) -> bool:
     return any(Path(n).suffix in SUFFIXES for n in names) and not any(n.endswith(".parquet") for n in names)
 
 
-def pack(store: Store, directory: str, out_dir: str, rows_per_file: int) -> dict:
-    """Pack a flat folder of images into an image lake (id, image) at `out_dir`, ids from the file names
-    (`000123.jpg` -> 123); redone only when the folder's listing changes. Returns the manifest."""
+def pack(store: Store, directory: str, out_dir: str, rows_per_file: int, id_col: str = "id",
+         image_col: str = "image") -> dict:
+    """Pack a flat folder of images into an image lake (id, image columns as named) at `out_dir`, ids from
+    the file names (`000123.jpg` -> 123); redone only when the folder's listing changes. Returns the manifest."""
     listing = [f for f in store.list_versions(directory) if Path(f[0]).suffix.lower() in SUFFIXES]
-    key = digest("folder", store.uri(directory), listing)  # (path, size, version) of every image
+    key = digest("folder", store.uri(directory), listing, id_col, image_col)  # (path, size, version) of every image
     done = currency.current(store, out_dir, key)
     if done:
         return done
@@ -69,8 +70,8 @@ def pack(store: Store, directory: str, out_dir: str, rows_per_file: int) -> dict
     names = []
     for k, start in enumerate(range(0, len(files), rows_per_file)):
         chunk = files[start:start + rows_per_file]
-        table = pa.table({"id": pa.array(ids[start:start + rows_per_file], pa.int64()),
-                          "image": pa.array([store.read_bytes(p) for p in chunk], pa.binary())})
+        table = pa.table({id_col: pa.array(ids[start:start + rows_per_file], pa.int64()),
+                          image_col: pa.array([store.read_bytes(p) for p in chunk], pa.binary())})
         names.append(lake.part_name(k))
         lake.write_part(store, f"{out_dir}/{names[-1]}", table)
     return currency.commit(store, out_dir, key, {"kind": "images", "rows": len(files), "files": names,

@@ -63,8 +63,8 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
     out_dir = store.resolve(output) if output else layout.embeddings(store, out_name, split)
     in_dir = store.resolve(input) if input else layout.images(store, split)
     if input and folder.is_image_folder(store, in_dir):
-        in_dir, cols = f"{out_dir}.images", Columns()
-        folder.pack(store, store.resolve(input), in_dir, cfg.data.rows_per_file)
+        in_dir = f"{out_dir}.images"
+        folder.pack(store, store.resolve(input), in_dir, cfg.data.rows_per_file, cols.id, cols.image)
     producer = {}
     for col, name in models.items():
         _, meta = registry.load(store, name)
