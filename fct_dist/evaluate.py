@@ -127,7 +127,9 @@ def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str,
         if index.current(cfg, store, name, split, column) is None:
             raise lake.LakeError(f"gallery {gallery!r} has {len(g)} items (> eval.exact_max_gallery) and no current "
                                  f"index: build it first (fct index --lake {name} --column {column})")
-        _, nbr = index.search(store, name, split, _pad(q, g.shape[1]), cfg.eval.search_k + 1, cfg.index.nprobe,
+        # dims as the exact path treats them: a zero-padded gallery ranks like the query cut to its dim
+        qq = q[:, :g.shape[1]] if q.shape[1] > g.shape[1] else _pad(q, g.shape[1])
+        _, nbr = index.search(store, name, split, np.ascontiguousarray(qq), cfg.eval.search_k + 1, cfg.index.nprobe,
                               column)
         r = ranking_from_neighbours(nbr, q_lab, q_ids, g_lab, g_ids, cfg.eval.max_rank)
     r |= {"query": query, "gallery": gallery, "label": f"{LABELS[query]} / {LABELS[gallery]}",

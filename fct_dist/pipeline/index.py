@@ -2,7 +2,7 @@
 
 The billion-scale recipe of faiss's `benchs/distributed_ondisk`: train the quantizer once on a
 sample, then every Ray task adds its slice of the lake (with the lake's ids) to a copy of the trained
-empty index and writes one shard; search fans out over the shards and merges by distance.
+empty index and writes one shard; search fans out over the shards through faiss's `IndexShards`.
 """
 from __future__ import annotations
 
@@ -168,20 +168,14 @@ def load(store: Store, name: str, split: str = "test", column: str = "emb",
     return [_load_shard(store, directory, s["file"]) for s in manifest["shards"]], manifest
 
 
-def merge_results(dists: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard top-k lists by distance (stable: shard order breaks ties)."""
-    d, i = np.concatenate(dists, axis=1), np.concatenate(ids, axis=1)
-    d = np.where(i < 0, np.inf, d)
-    order = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
-
-
 def search_shards(shards: list[faiss.Index], queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    results = []
+    """Top-k (distances, ids) over every shard through faiss's `IndexShards`: one thread per shard,
+    results merged by distance, each shard's own ids kept."""
+    fan = faiss.IndexShards(shards[0].d, True, False)  # threaded, successive_ids=False
     for s in shards:
         set_nprobe(s, nprobe)
-        results.append(s.search(np.ascontiguousarray(queries, np.float32), k))
-    return merge_results([r[0] for r in results], [r[1] for r in results], k)
+        fan.add_shard(s)  # faiss's Python wrapper keeps a reference to each shard
+    return fan.search(np.ascontiguousarray(queries, np.float32), k)
 
 
 def search(store: Store, name: str, split: str, queries: np.ndarray, k: int, nprobe: int,
