@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from fct_dist import cli, datasets, evaluate, lake
-from fct_dist.datasets import synthetic
+from fct_dist.datasets import folder, synthetic
 from fct_dist.models import registry
 from fct_dist.pipeline import index
 from fct_dist.storage import open_store
@@ -261,3 +261,22 @@ def test_bct_with_an_old_model_without_classifier_uses_its_class_means(tmp_path,
     assert cli.main(["train-new", "--bct", *run]) == 0
     bct = registry.read_meta(store, "bct")
     assert bct["dims"]["emb"] == 8 and bct["compatible_with"] == {"old": meta["version"]}
+
+
+def test_a_folder_of_images_is_packed_by_id_and_refuses_names_that_are_not_ids(tmp_path):
+    store = open_store(make_cfg(str(tmp_path / "root")).storage)
+    png = lake.encode_png(np.zeros((4, 4), np.uint8))
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("000012.png", "7.png", "notes.txt"):
+        (images / name).write_bytes(png)
+    m = folder.pack(store, str(images), str(tmp_path / "packed"), 10, "item_id", "jpeg")
+    t = lake.read_lake(store, str(tmp_path / "packed"), {"item_id": pa.int64(), "jpeg": pa.binary()}, id_col="item_id")
+    assert m["rows"] == 2 and sorted(t["item_id"].to_pylist()) == [7, 12]
+    (images / "0007.jpg").write_bytes(png)
+    with pytest.raises(lake.LakeError, match=r"id 7 is named by more than one file: .*0007.jpg, .*7.png"):
+        folder.pack(store, str(images), str(tmp_path / "packed"), 10)
+    (images / "0007.jpg").unlink()
+    (images / "cat.png").write_bytes(png)
+    with pytest.raises(lake.LakeError, match=r"cat.png: the file name is not an id"):
+        folder.pack(store, str(images), str(tmp_path / "packed"), 10)
