@@ -71,3 +71,30 @@ def test_every_stage_has_a_job_entrypoint():
     for name in stages:
         if name != "search":
             assert (ROOT / "jobs" / f"{name.replace('-', '_')}.py").exists(), name
+
+
+def test_a_worker_node_lost_mid_backfill_ends_exactly_once_on_the_rest(tmp_path):
+    """tests/node_loss.py, in its own process: two Ray nodes on this machine, the backfill's actors on
+    both, the worker node SIGKILLed once files are done; the job ends on the head alone."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from fct_dist.storage import open_store
+
+    from .support import expected_backfill, make_cfg, read_output
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", str(root)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((root / "result.json").read_text())
+    assert r["victims"] >= 1 and r["victims_alive"] == 0, r  # actors ran on the worker node, and died with it
+    assert 2 <= r["done_at_kill"] < r["files"], r  # the node was lost mid-run
+    assert r["finished"] and "error" not in r, r
+    store = open_store(make_cfg(str(root)).storage)
+    ids, emb = read_output(store, store.path("embeddings", "fct", "test"))
+    want_ids, want = expected_backfill(store, "fct", store.path("big"))
+    np.testing.assert_array_equal(ids, want_ids)  # sorted: every id exactly once
+    np.testing.assert_allclose(emb, want, atol=1e-5)

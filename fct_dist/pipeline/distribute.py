@@ -7,7 +7,9 @@ and how many workers ran.
 The Ray pool is scheduled by the driver, file by file, up to `files_in_flight` files per actor (the
 worker overlaps one file's reads and writes with another's compute). A file whose actor dies is
 retried alone on an actor (so a second death is its own), at most `max_attempts` times; then it is
-a poison file: quarantined, or the job stops naming it (`on_bad_input`). A dead actor is replaced.
+a poison file: quarantined, or the job stops naming it (`on_bad_input`). A dead actor is replaced;
+the replacement gets work once it is up, so when a whole node is lost and the rest of the cluster
+has no room for replacements, the surviving actors finish the files.
 """
 from __future__ import annotations
 
@@ -126,9 +128,10 @@ def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None
         progress.start()
         pending, suspects = deque(tasks), deque()
         running: dict = {}  # ref -> (slot, generation, task)
-        load, alone = [0] * n, [False] * n
+        starting: dict = {}  # ready ref of a replacement actor -> slot: no work until it is placed and up
+        load, alone, up = [0] * n, [False] * n, [True] * n
         while pending or suspects or running:
-            for s in range(n):
+            for s in (s for s in range(n) if up[s]):
                 while not alone[s] and load[s] < a.files_in_flight:
                     if suspects and load[s] == 0:  # a file that lost a worker runs alone
                         t, alone[s] = suspects.popleft(), True
@@ -138,7 +141,14 @@ def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None
                         break
                     running[actors[s].map_file.remote(t)] = (s, generation[s], t)
                     load[s] += 1
-            (ref,), _ = ray.wait(list(running), num_returns=1)
+            (ref,), _ = ray.wait([*running, *starting], num_returns=1)
+            if ref in starting:  # a replacement is up (or could not start: its slot stays out of work)
+                s = starting.pop(ref)
+                try:
+                    up[s] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    log.warning("[%s] a replacement worker could not start; going on with the others", job.name)
+                continue
             s, gen, t = running.pop(ref)
             if gen == generation[s]:
                 load[s] -= 1
@@ -152,7 +162,10 @@ def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None
                 if gen == generation[s]:  # replace the dead actor once; its other files fail here too
                     actors[s] = RayFileWorker.options(**opts).remote(job_ref)
                     generation[s] += 1
-                    load[s], alone[s] = 0, False
+                    load[s], alone[s], up[s] = 0, False, False
+                    # it gets work once placed: after a node is lost there may be no room for it,
+                    # and the files go to the actors that are left
+                    starting[actors[s].ready.remote()] = s
                 t.attempts += 1
                 where = job.store.uri(t.input.path)
                 log.warning("[%s] a worker died while mapping %s (attempt %d of %d): %s", job.name, where,
