@@ -36,21 +36,21 @@ class TransformFn:
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
-        x, why = {}, np.full(rb.num_rows, "", object)
+        x, invalid, why = {}, np.zeros(rb.num_rows, bool), {}  # why: row -> reason, for bad rows only
         for role, col in self.inputs.items():
             x[role], bad = lake.vectors(rb.column(col), self.dims[role])
-            rows = np.flatnonzero(bad & (why == ""))
-            if len(rows):  # only the bad rows are described
-                why[rows] = lake.vector_problems(rb.column(col), col, self.dims[role], rows)
-            rows = np.flatnonzero(~np.isfinite(x[role]).all(1) & (why == ""))
-            why[rows] = f"NaN/inf in {col}"
-        invalid = why != ""
+            rows = np.flatnonzero(bad & ~invalid)
+            why |= zip(rows.tolist(), lake.vector_problems(rb.column(col), col, self.dims[role], rows))
+            invalid[rows] = True
+            rows = np.flatnonzero(~np.isfinite(x[role]).all(1) & ~invalid)
+            why |= dict.fromkeys(rows.tolist(), f"NaN/inf in {col}")
+            invalid[rows] = True
         if invalid.any():  # boolean indexing copies: only when some rows must go
             x = {k: v[~invalid] for k, v in x.items()}
         to = functools.partial(torch.as_tensor, device=self.device, dtype=self.dtype)
         out = self.h(to(x["old"]), to(x["side"]) if "side" in x else None) if invalid.sum() < rb.num_rows \
             else torch.zeros(0, self.dims["new"])
-        return invalid, why[invalid].tolist(), {self.cols.out: out.float().cpu().numpy()}
+        return invalid, [why[r] for r in np.flatnonzero(invalid).tolist()], {self.cols.out: out.float().cpu().numpy()}
 
 
 def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
