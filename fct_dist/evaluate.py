@@ -12,7 +12,6 @@ import logging
 import numpy as np
 import pyarrow as pa
 import torch
-from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from . import lake, layout
 from .config import Config
@@ -167,18 +166,7 @@ def index_recall(cfg: Config, store: Store, name: str, split: str, column: str =
     shards, manifest = index.load(store, name, split, column)
     files, d = lake.parts(store, layout.embeddings(store, name, split)), manifest["dim"]
     q = index.sample_vectors(store, files, column, d, n_queries, seed=1)
-    ids = []
-
-    def blocks():
-        for path in files:
-            file_ids, x = index.read_vectors(store, path, column, d)
-            ids.append(file_ids)
-            yield x
-
-    _, pos = knn_ground_truth(q, blocks(), k)  # positions in the order the blocks came
-    truth = np.concatenate(ids)[pos]
-    _, got = index.search_shards(shards, q, k, cfg.index.nprobe)
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
+    return index.recall(index.exact_knn(store, files, column, d, q, k), index.search_shards(shards, q, k, cfg.index.nprobe)[1])
 
 
 def format_table(cases: list[dict]) -> str:

@@ -111,9 +111,10 @@ def test_missing_or_corrupt_shard_is_named(ray_local, any_cfg):
 
 
 def test_auto_factory_by_size():
-    assert index.choose_factory(20_000, 128) == "Flat"
-    assert index.choose_factory(1_000_000, 128) == "IVF4096,Flat"
-    assert index.choose_factory(1_000_000_000, 128) == "IVF131072,PQ32"
+    assert index.choose_factory(20_000, 128, 100_000) == "Flat"
+    assert index.choose_factory(1_000_000, 128, 200_000) == "IVF4096,Flat"
+    assert index.choose_factory(1_000_000, 128, 100_000) == "IVF2048,Flat"  # >= 39 training rows per list
+    assert index.choose_factory(1_000_000_000, 128, 10_000_000) == "IVF131072_HNSW32,PQ64"
 
 
 def test_an_index_is_current_only_for_the_lake_it_indexes(ray_local, any_cfg, caplog):
