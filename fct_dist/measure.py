@@ -19,10 +19,29 @@ from .pipeline.backfill import TransformFn
 from .storage import Store
 
 
+def high_water_mark(p: psutil.Process, rss: int) -> int:
+    """The process's peak RSS as the kernel counts it (VmHWM: no sampling can miss a spike), else `rss`."""
+    try:
+        with open(f"/proc/{p.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return rss
+
+
+def reset_high_water_mark() -> None:
+    """Start this process's VmHWM afresh (Linux: 5 > clear_refs), so its peak is this run's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class Usage:
     """Peak RSS and CPU-seconds of this process and all its descendants (Ray's daemons and
     workers), sampled; a process's CPU time counts from when it was first seen (or started). Also
-    the peak RSS of this process (the driver) and of the largest engine worker (a Ray actor)."""
+    the peak RSS of this process (the driver) and of the largest engine worker (a Ray actor), from
+    the kernel's high-water marks (the actors start with the run; the driver's mark is reset)."""
 
     def __init__(self, interval: float = 0.2):
         self.peak = self.driver_peak = self.worker_peak = 0
@@ -46,9 +65,9 @@ class Usage:
             self._first.setdefault(key, cpu if initial else 0.0)
             self._last[key] = cpu
             if p.pid == me.pid:
-                self.driver_peak = max(self.driver_peak, mem)
+                self.driver_peak = max(self.driver_peak, high_water_mark(p, mem))
             elif self._worker[key]:
-                self.worker_peak = max(self.worker_peak, mem)
+                self.worker_peak = max(self.worker_peak, high_water_mark(p, mem))
         self.peak = max(self.peak, rss)
 
     def _run(self) -> None:
@@ -60,6 +79,7 @@ class Usage:
         return sum(self._last[k] - self._first[k] for k in self._last)
 
     def __enter__(self) -> "Usage":
+        reset_high_water_mark()
         self._sample(initial=True)
         self._thread.start()
         return self

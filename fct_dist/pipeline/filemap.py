@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import queue
@@ -307,6 +308,13 @@ class FileWorker:
         self.busy = threading.local()  # seconds inside the batch function, per file (one thread maps one file)
 
     def map_file(self, task: Task) -> dict:
+        try:
+            return self._attempt(task)
+        finally:  # the file's buffers go back to the OS with it (cycles too), so a worker's memory stays flat
+            gc.collect()
+            pa.default_memory_pool().release_unused()
+
+    def _attempt(self, task: Task) -> dict:
         job, inp, t0 = self.job, task.input, time.time()
         where = job.store.uri(inp.path)
         try:
