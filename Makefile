@@ -9,7 +9,7 @@ TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
 STAMP   := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo test bench chaos data clean-data
+.PHONY: install demo test bench scale chaos data clean-data
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fct bench --config $(CONFIG)
+
+# tens of millions of rows through backfill, IVF-PQ index and search (bench.scale; ~45 GB of disk at 25M rows)
+scale: $(STAMP)
+	$(VENV)/bin/fct bench --profile scale --config $(CONFIG)
 
 # the fault soak: S3 faults through a proxy, killed actors and drivers, the bad-input table; ends with figures
 chaos: $(STAMP)

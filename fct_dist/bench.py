@@ -107,7 +107,7 @@ def run_profile(cfg: Config, root: Store, p: Profile) -> dict:
     log.info("=== bench profile %s: %s rows backfilled, %s items re-extracted ===", p.name, f"{b.rows:,}", f"{p.items:,}")
     save_models(store, p)
     split = f"n{b.rows}"
-    stored = stored_lake(store, p, b.rows, b.rows_per_file)
+    stored = stored_lake(store, p.dims, b.rows, b.rows_per_file)
     image_lake(store, p, b.image_files)
     out: dict = {"items": {"backfill": b.rows, "re-extraction": p.items}, "input_size": p.input_size,
                  "encoder": p.encoder, "dims": p.dims}
@@ -152,7 +152,7 @@ def scaling(cfg: Config, root: Store, p: Profile, main: dict) -> list[dict]:
             out.append(main["backfill"]["ray"])
             continue
         c = on(cfg, "ray")
-        stored_lake(store, p, rows, cfg.bench.rows_per_file)
+        stored_lake(store, p.dims, rows, cfg.bench.rows_per_file)
         job = backfill_job(c, store, f"n{rows}", "fct-ray")
         out.append(measured(functools.partial(engine_run, c, job), gpus))
         store.delete(job.out_dir)

@@ -103,8 +103,12 @@ def _upgrade(cfg: Config, store: Store, a) -> None:
 
 
 def _bench(cfg: Config, store: Store, a) -> None:
-    from . import bench
-    bench.run(cfg, store)
+    if a.profile == "scale":
+        from . import bench_scale
+        bench_scale.run(cfg, store)
+    else:
+        from . import bench
+        bench.run(cfg, store)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -176,7 +180,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
     s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "
                    "data-parallel stages then rerun because their inputs changed)")
-    cmd("bench", _bench, "backfill vs full re-extraction, each also without Ray; scaling; 1B projection")
+    s = cmd("bench", _bench, "backfill vs full re-extraction, each also without Ray; scaling; 1B projection")
+    s.add_argument("--profile", choices=("compare", "scale"), default="compare",
+                   help="compare: backfill vs re-extraction (demo and production sizes); scale: tens of millions of "
+                   "rows through backfill, IVF-PQ index and search (bench.scale)")
     return p
 
 

@@ -133,6 +133,7 @@ class Train:
     num_workers: int = num(2, 0, 4096)
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: float = num(1.0, 0.0, 1024)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = num(2, -1, 1000)
     old: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
     side: SideTrain = field(default_factory=lambda: SideTrain(epochs=3, batch_size=256, lr=0.3))
@@ -175,7 +176,7 @@ class Columns:
 class Index:
     factory: str = "auto"
     nprobe: int = num(16, 1, 65536)
-    train_sample: int = num(100_000, 1)
+    train_sample: int = num(200_000, 1)
     num_shards: int = num(2, 1, 100_000)
     use_gpu: Literal["auto", "true", "false"] = "auto"
 
@@ -199,6 +200,20 @@ class Projection:
 
 
 @dataclass
+class Scale:
+    rows: list[int] = field(default_factory=lambda: [1_000_000, 5_000_000, 25_000_000])
+    rows_per_file: int = num(100_000, 1)
+    clusters: int = num(1000, 1)
+    latent_dim: int = num(24, 1, 4096)
+    spread: float = num(0.3, 0.0)
+    noise: float = num(0.05, 0.0)
+    queries: int = num(1000, 1)
+    k: int = num(10, 1, 10_000)
+    nprobe: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    recall_goal: float = num(0.9, 0.0, 1.0)
+
+
+@dataclass
 class Bench:
     rows: int = num(1_000_000, 1)
     scale_rows: list[int] = field(default_factory=lambda: [1_000_000, 2_000_000, 4_000_000])
@@ -212,6 +227,7 @@ class Bench:
     io_repeats: int = num(3, 1, 100)
     actors_per_gpu: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     projection: Projection = sub(Projection)
+    scale: Scale = sub(Scale)
 
 
 @dataclass

@@ -7,6 +7,8 @@ the requested rows, layout and profile (`currency`).
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,26 +62,64 @@ def save_models(store: Store, p: Profile) -> None:
     registry.save(store, NEW, ResNet(p.encoder), {"kind": "encoder", "arch": p.encoder, "metrics": {},
                                                   "dims": {"emb": p.dims["new"]}, "preprocess": resized},
                   key=DATA_VERSION)
-    arch = TransformationConfig(p.dims["old"], p.dims["side"], p.dims["new"], p.branch, p.hidden)
+    save_transformation(store, p.dims, p.branch, p.hidden)
+
+
+def save_transformation(store: Store, dims: dict, branch: int, hidden: int) -> None:
+    """A random-weight `fct` (h) of these sizes (dims: old, side, new)."""
+    torch.manual_seed(0)
+    arch = TransformationConfig(dims["old"], dims["side"], dims["new"], branch, hidden)
     registry.save(store, FCT, Transformation(arch), {
-        "kind": "transformation", "arch": arch, "dims": p.dims, "metrics": {},
+        "kind": "transformation", "arch": arch, "dims": dims, "metrics": {},
         "producers": {"old": DATA_VERSION, "side": DATA_VERSION}}, key=DATA_VERSION)
 
 
-def stored_lake(store: Store, p: Profile, rows: int, rows_per_file: int) -> str:
-    """embeddings/stored/n{rows}: random (old, side) rows with ids 0..rows-1; written once per size."""
-    directory = layout.embeddings(store, STORED, f"n{rows}")
-    key = digest(rows, rows_per_file, lake.write_options(), p.dims)
+@dataclass
+class Clustered:
+    """Rows drawn around `clusters` centres of a `latent`-d space and mapped linearly into each column
+    (plus `noise`): the low intrinsic dimension of real embeddings, so that search quality means
+    something. Centres and maps depend on `seed` only; the rows of file k on (seed, k)."""
+    clusters: int
+    latent: int
+    spread: float
+    noise: float
+    seed: int = 0
+
+    def rows(self, dims: dict, n: int, stream: int) -> dict[str, np.ndarray]:
+        """n rows {column: (n, dims[column]) float32} of random stream `stream`."""
+        g = np.random.default_rng(self.seed)
+        centres = g.standard_normal((self.clusters, self.latent), np.float32)
+        maps = {c: (g.standard_normal((self.latent, dims[c])) / np.sqrt(self.latent)).astype(np.float32)
+                for c in ("old", "side")}
+        r = np.random.default_rng([self.seed, stream])
+        z = centres[r.integers(0, self.clusters, n)] + np.float32(self.spread) * r.standard_normal((n, self.latent), np.float32)
+        return {c: z @ m + np.float32(self.noise) * r.standard_normal((n, dims[c]), np.float32) for c, m in maps.items()}
+
+
+def stored_lake(store: Store, dims: dict, rows: int, rows_per_file: int, structure: Clustered | None = None) -> str:
+    """embeddings/stored/n{rows} (c{rows} when clustered): (old, side) rows with ids 0..rows-1, each
+    file's rows a function of its index only (so a small lake is the first files of a large one);
+    random normal rows unless `structure` says otherwise; written once per setting, files in parallel."""
+    directory = layout.embeddings(store, STORED, f"{'c' if structure else 'n'}{rows}")
+    key = digest(rows, rows_per_file, lake.write_options(), dims, structure)
     if currency.current(store, directory, key):
         return directory
     store.delete(directory)
-    rng = np.random.default_rng(0)
-    prod = {c: {"model": DATA_VERSION, "version": DATA_VERSION, "dim": p.dims[c]} for c in ("old", "side")}
-    for k, start in enumerate(range(0, rows, rows_per_file)):
+    prod = {c: {"model": DATA_VERSION, "version": DATA_VERSION, "dim": dims[c]} for c in ("old", "side")}
+
+    def write(k: int) -> None:
+        start = k * rows_per_file
         n = min(rows_per_file, rows - start)
-        vectors = {c: rng.standard_normal((n, p.dims[c]), np.float32) for c in ("old", "side")}
+        if structure:
+            vectors = structure.rows(dims, n, k)
+        else:
+            rng = np.random.default_rng([0, k])
+            vectors = {c: rng.standard_normal((n, dims[c]), np.float32) for c in ("old", "side")}
         lake.write_part(store, f"{directory}/{lake.part_name(k)}",
                         lake.embedding_table(np.arange(start, start + n), vectors, prod))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy's generators, BLAS and Parquet's writer release the GIL
+        list(pool.map(write, range(math.ceil(rows / rows_per_file))))
     currency.commit(store, directory, key, {"kind": "embeddings", "rows": rows, "producer": prod})
     return directory
 

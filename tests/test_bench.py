@@ -88,3 +88,61 @@ def test_projection_takes_the_slower_of_the_gpus_and_the_object_store():
     assert by[("backfill", 1)]["cpu_core_hours_at_measured_rate"] == 1.0
     measured = project(pc, {"backfill": {"ray": run}, "re-extraction": {"ray": run}}, gpu=True)["rows"]
     assert {(r["per_gpu_rate"], r["rate_source"]) for r in measured} == {(500.0, "measured")}
+
+
+def test_scale_profile_backfills_indexes_and_measures_recall_against_exact_search(ray_local, local_cfg):
+    """`fct bench --profile scale` in tiny mode. At nprobe = nlist an IVF-Flat search is exhaustive,
+    so its recall must be exactly 1: a wrong id mapping in the index, the streamed ground truth or
+    the recall count fails it; fewer lists probed find less."""
+    from fct_dist import bench_scale
+    cfg = local_cfg("bench.scale.rows=[1500,3000]", "bench.scale.rows_per_file=500", "bench.scale.queries=40",
+                    "bench.scale.nprobe=[1,16]", "bench.scale.clusters=20", "index.factory=IVF16,Flat",
+                    "index.num_shards=3")
+    store = open_store(cfg.storage)
+    r = bench_scale.run(cfg, store)
+    assert [b["rows"] for b in r["backfill"]] == [1500, 3000] and [b["files"] for b in r["backfill"]] == [3, 6]
+    root = store.sub("bench", "scale")
+    ids, emb = read_output(root, root.path("embeddings", bench_scale.OUT, "c3000"))
+    assert np.array_equal(ids, np.arange(3000))
+    assert not root.has_manifest(root.path("embeddings", bench_scale.OUT, "c1500"))  # only the largest is kept
+    curve = {p["nprobe"]: p for p in r["search"]["curve"]}
+    assert curve[16]["recall"] == 1.0 and curve[16]["nearest_in_top_k"] == 1.0
+    assert curve[1]["recall"] < 1.0
+    assert r["index"]["rows"] == 3000 and r["index"]["shards"] == 3
+    assert store.exists(f"{r['report_dir']}/recall.png") and "recall@10" in store.read_bytes(
+        f"{r['report_dir']}/bench.md").decode()
+
+
+def test_a_clustered_lake_is_the_first_files_of_a_larger_one():
+    """Each file's rows depend on its index only, so the scale profile's 1M lake is the start of its 25M
+    lake (same distribution at every size), and the queries' stream is none of the files'."""
+    s = fixtures.Clustered(clusters=5, latent=3, spread=0.1, noise=0.01)
+    dims = {"old": 4, "side": 6}
+    a, b = s.rows(dims, 10, 1), s.rows(dims, 10, 1)
+    assert all(np.array_equal(a[c], b[c]) and a[c].shape == (10, dims[c]) and a[c].dtype == np.float32 for c in dims)
+    assert not np.array_equal(a["old"], s.rows(dims, 10, 2)["old"])
+    # clustered: a row's nearest neighbour is far closer than rows are on average (unclustered normal
+    # rows of the same dims: ~0.2)
+    x = s.rows(dims, 500, 0)["old"]
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    mean = d.sum() / (len(x) * (len(x) - 1))
+    np.fill_diagonal(d, np.inf)
+    assert d.min(axis=1).mean() / mean < 0.05
+
+
+def test_usage_catches_a_memory_spike_between_samples():
+    """Peak RSS comes from the kernel's high-water mark: a spike shorter than the sampling interval is
+    counted (sampled RSS would miss it), and the next measurement starts afresh."""
+    import time
+
+    from fct_dist.measure import Usage
+    with Usage(interval=30) as quiet:
+        time.sleep(0.2)
+    with Usage(interval=30) as spike:
+        x = np.ones(400 * 2**20 // 8)  # 400 MB, touched, then freed before any sample
+        del x
+        time.sleep(0.2)
+    with Usage(interval=30) as after:
+        time.sleep(0.2)
+    assert spike.driver_peak - quiet.driver_peak > 300 * 2**20
+    assert after.driver_peak < spike.driver_peak - 300 * 2**20

@@ -53,7 +53,7 @@ def main() -> None:
     store = open_store(cfg.storage)
     p = fixtures.profiles(cfg)[1]  # production dims: 128 + 128 in, 128 out
     fixtures.save_models(store, p)
-    stored = fixtures.stored_lake(store, p, a.rows, 100_000)
+    stored = fixtures.stored_lake(store, p.dims, a.rows, 100_000)
     files = store.list(stored, ".parquet")
     ray.init(address="local", num_cpus=2, log_to_driver=False)
     for rep in range(2):  # the first round warms the page cache and the worker pool
