@@ -3,7 +3,8 @@
 Per round: a backfill and an index build on S3 through the fault proxy (5 % faulty requests by
 default), a backfill whose Ray actor is SIGKILLed midway, and a `fct backfill` process SIGKILLed
 midway then rerun (each kill checked to have landed mid-run). Once: a Ray Train run on S3 through the
-proxy (checkpoints), and the bad-input table. Every finished lake is checked id by id with plain
+proxy (checkpoints), a worker node of a two-node Ray cluster lost during a backfill, an index build
+and a Ray Train run (tests/node_loss.py), and the bad-input table. Every finished lake is checked id by id with plain
 pyarrow (every Parquet file in its folder): rows lost and rows duplicated must be 0.
 
     python -m tests.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
@@ -45,7 +46,10 @@ class Tally:
         """Count ids missing from / repeated in a finished lake that should hold ids 0..n-1."""
         if not store.has_manifest(directory):
             raise AssertionError(f"{what}: {store.uri(directory)} has no manifest")
-        ids = all_ids(store, directory)
+        self.tally(what, all_ids(store, directory), n)
+
+    def tally(self, what: str, ids: np.ndarray, n: int) -> None:
+        """Count ids missing from / repeated in `ids`, which should be 0..n-1 once each."""
         lost = len(np.setdiff1d(np.arange(n), ids))
         duplicated = len(ids) - len(np.unique(ids))
         self.runs += 1
@@ -62,7 +66,7 @@ def setup(root: str, rows: int, files: int, *sets: str):
     store = open_store(cfg.storage)
     p = fixtures.profiles(cfg)[0]
     fixtures.save_models(store, p)
-    return cfg, store, store.uri(fixtures.stored_lake(store, p, rows, -(-rows // files)))
+    return cfg, store, store.uri(fixtures.stored_lake(store, p.dims, rows, -(-rows // files)))
 
 
 def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
@@ -141,6 +145,39 @@ def train_on_faulty_s3(t: Tally, endpoint: str, fraction: float) -> None:
     print(f"[chaos] Ray Train on S3 (checkpoint per epoch): 3 epochs; proxy faults {proxy.counts}")
 
 
+def node_loss_round(t: Tally, root: str) -> list[dict]:
+    """tests/node_loss.py's three scenarios (a two-node Ray cluster on this machine, the worker node
+    SIGKILLed mid-run): the backfill's lake and the index checked id by id, training by its epochs."""
+    import faiss
+
+    from . import node_loss
+    rows, out = node_loss.FILES * node_loss.ROWS_PER_FILE, []
+    for scenario in node_loss.SCENARIOS:
+        where = f"{root}/node-{scenario}"
+        subprocess.run([sys.executable, "-m", "tests.node_loss", where, scenario], check=True, capture_output=True,
+                       timeout=900)
+        r = json.loads(Path(where, "result.json").read_text())
+        if not (r["victims"] and 1 <= r["done_at_kill"] < r["total"] and r["finished"] and "error" not in r):
+            raise AssertionError(f"node lost during {scenario}: {r}")
+        t.faults += 1
+        store = open_store(config.load(None, [f"storage.root={where}"], preset="tiny").storage)
+        if scenario == "backfill":
+            t.check("backfill, a worker node lost", store, store.path("embeddings", "fct", "test"), rows)
+        elif scenario == "index":
+            shards, _ = index.load(store, "fct", "test")
+            ids = np.concatenate([faiss.vector_to_array(s.id_map) for s in shards])
+            t.tally("index build, a worker node lost", ids, rows)
+        else:
+            t.runs += 1
+            if r["history_epochs"] != list(range(1, r["total"] + 1)) or not r["trained_after"] or min(
+                    min(e) for e in r["trained_after"].values()) <= r["done_at_kill"]:
+                raise AssertionError(f"training did not resume from its checkpoint after the node loss: {r}")
+        out.append(r)
+        print(f"[chaos] node lost during {scenario}: {r['victims']} workers killed with it after {r['done_at_kill']} "
+              f"of {r['total']} {'epochs' if scenario == 'train' else 'files'}; finished in {r['seconds']} s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="chaos")
     ap.add_argument("--rounds", type=int, default=3)
@@ -161,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 actor_kill_round(t, f"{tmp}/actor-{r}", a.rows)
                 driver_kill_round(t, f"{tmp}/driver-{r}", a.rows)
             train_on_faulty_s3(t, endpoint, a.fraction)
+            print("\n=== a worker node lost (two Ray nodes on this machine) ===", flush=True)
+            nodes = node_loss_round(t, tmp)
             print("\n=== bad inputs ===", flush=True)
             bad = [attempt(c, Path(tmp) / f"bad-{i}") for i, c in enumerate(CASES)]
     finally:
@@ -173,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
              "| bad input | expected | observed | rows in = out + rejected | handled |", "|---|---|---|---|---|"]
     lines += [f"| {b['case']} | {b['expected']} | {b['observed'][:140]} | "
               f"{b['rows'][0]} = {b['rows'][1]} + {b['rows'][2]} | {'yes' if b['handled'] else '**NO**'} |" for b in bad]
+    lines += ["", "| a worker node lost during | its workers killed | done at the loss | finished |", "|---|---|---|---|"]
+    lines += [f"| {n['scenario']} | {n['victims']} | {n['done_at_kill']} of {n['total']} "
+              f"{'epochs' if n['scenario'] == 'train' else 'files'} | yes, {n['seconds']} s |" for n in nodes]
     lines += ["", "| figure | value |", "|---|---|"] + [f"| {k.replace('_', ' ')} | {v} |" for k, v in figures.items()]
     md = "\n".join(lines) + "\n"
     out = Path(a.out) / time.strftime("chaos-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.md").write_text(md)
-    (out / "chaos.json").write_text(json.dumps({"figures": figures, "runs": t.log, "bad_inputs": bad}, indent=2))
+    (out / "chaos.json").write_text(json.dumps({"figures": figures, "runs": t.log, "bad_inputs": bad,
+                                                "node_losses": nodes}, indent=2))
     print("\n" + md + f"\nchaos report: {out}/chaos.md")
     ok = t.lost == 0 and t.duplicated == 0 and figures["bad_input_cases_handled"] == len(bad)
     return 0 if ok else 1

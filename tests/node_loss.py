@@ -1,74 +1,170 @@
-"""A node lost mid-backfill, on a real two-node Ray cluster on this machine: a head and a worker node
-(`ray.cluster_utils.Cluster`, each node its own raylet, all on 127.0.0.1), the backfill's actors
+"""A node lost mid-run, on a real two-node Ray cluster on this machine: a head and a worker node
+(`ray.cluster_utils.Cluster`, each node its own raylet, all on 127.0.0.1), the stage's workers
 placed on both, then the worker node killed whole (SIGKILL of its raylet; its workers die with it).
-Run in its own process by tests/test_cluster.py (a driver can join one Ray cluster only):
+Run in its own process by tests/test_cluster.py and by the chaos soak (a driver can join one Ray
+cluster only):
 
-    python -m tests.node_loss ROOT      # writes ROOT/result.json
+    python -m tests.node_loss ROOT backfill|index|train     # writes ROOT/result.json
+
+backfill: the engine's actors; index: the shard-adding Ray tasks of `fct index`; train: Ray Train's
+workers (one per node), killed once a checkpoint is registered.
 """
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 import psutil
 import ray
 from ray.cluster_utils import Cluster
 
-from fct_dist.pipeline import backfill
-from fct_dist.storage import open_store
+from fct_dist import datasets
+from fct_dist.config import Config
+from fct_dist.pipeline import backfill, index
+from fct_dist.storage import Store, open_store
+from fct_dist.train import stages
 
-from .support import id_lake, make_cfg, tiny_transformations
+from .support import id_lake, make_cfg, registered_epoch, tiny_transformations
 
-FILES, ROWS_PER_FILE = 40, 3000
+FILES, ROWS_PER_FILE, EPOCHS = 40, 3000, 8
 
 
-def actors_on(node) -> list[psutil.Process]:
-    """The backfill's actors running under this node's raylet."""
+def on_node(node, title: str) -> list[psutil.Process]:
+    """Processes under this node's raylet whose title contains `title` (ray::<Actor or task>)."""
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
     out = []
     for p in raylet.children(recursive=True):
         try:
-            if "RayFileWorker" in " ".join(p.cmdline()):
+            if title in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             pass
     return out
 
 
-def main(root: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # GCS on a free port of its own
-    worker_node = cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    # 8 actors of half a CPU fill both nodes' 4 CPUs: the scheduler must use the worker node
-    cfg = make_cfg(root, "backfill.num_actors=8", "backfill.cpus_per_actor=0.5", "backfill.batch_size=16")
-    store = open_store(cfg.storage)
-    meta = tiny_transformations(store, ("fct",))
-    stored = store.path("big")
-    id_lake(store, stored, meta, FILES, ROWS_PER_FILE)
-    out, result = store.path("embeddings", "fct", "test"), {}
+def in_thread(work: Callable[[], object]) -> tuple[threading.Thread, dict]:
+    result: dict = {}
 
     def run() -> None:
         try:
-            result["manifest"] = backfill.backfill(cfg, store, "fct", input=stored)
+            result["value"] = work()
         except Exception as e:  # noqa: BLE001 - reported to the test
             result["error"] = repr(e)
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not (actors_on(worker_node) and len(store.list(out, ".parquet")) >= 2):
-        time.sleep(0.1)
-    victims = actors_on(worker_node)
+    return thread, result
+
+
+def kill_when(cluster: Cluster, node, title: str, ready: Callable[[], bool], poll: float = 0.02) -> list[psutil.Process]:
+    """Once `ready()` and some `title` process runs on `node`, SIGKILL the node; its victims."""
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ready() and on_node(node, title)):
+        time.sleep(poll)
+    victims = on_node(node, title)
+    cluster.remove_node(node, allow_graceful=False)  # SIGKILL of the node's raylet
+    return victims
+
+
+def stored_lake(root: str, cfg: Config) -> tuple[Store, str]:
+    store = open_store(cfg.storage)
+    stored = store.path("big")
+    id_lake(store, stored, tiny_transformations(store, ("fct",)), FILES, ROWS_PER_FILE)
+    return store, stored
+
+
+def lose_during_backfill(root: str, cluster: Cluster, node) -> dict:
+    # 8 actors of half a CPU fill both nodes' 4 CPUs: the scheduler must use the worker node
+    cfg = make_cfg(root, "backfill.num_actors=8", "backfill.cpus_per_actor=0.5", "backfill.batch_size=16")
+    store, stored = stored_lake(root, cfg)
+    out = store.path("embeddings", "fct", "test")
+    thread, result = in_thread(lambda: backfill.backfill(cfg, store, "fct", input=stored))
+    victims = kill_when(cluster, node, "RayFileWorker", lambda: len(store.list(out, ".parquet")) >= 2, poll=0.1)
     done_at_kill = len(store.list(out, ".parquet"))
-    cluster.remove_node(worker_node, allow_graceful=False)  # SIGKILL of the node's raylet
     thread.join(timeout=400)
-    report = {"victims": len(victims), "victims_alive": sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                                           for p in victims),
-              "done_at_kill": done_at_kill, "files": FILES, "finished": not thread.is_alive()} | result
-    report.pop("manifest", None)
+    return {"victims": victims, "done_at_kill": done_at_kill, "total": FILES, "thread": thread} | result
+
+
+def lose_during_index_build(root: str, cluster: Cluster, node) -> dict:
+    # 40 shards of one file each, half a CPU per task: both nodes add shards, in several waves
+    cfg = make_cfg(root, "index.factory=Flat", f"index.num_shards={FILES}")
+    store, stored = stored_lake(root, cfg)
+    backfill.backfill(cfg, store, "fct", input=stored)  # the lake to index, fault-free
+    out = store.path("index", "fct", "test")
+    thread, result = in_thread(lambda: index.build(cfg, store, "fct", "test"))
+    victims = kill_when(cluster, node, "_add_shard", lambda: len(store.list(out, ".faiss")) >= 2)
+    done_at_kill = len(store.list(out, ".faiss"))
+    thread.join(timeout=400)
+    return {"victims": victims, "done_at_kill": done_at_kill, "total": FILES, "thread": thread} | result
+
+
+class Lines(logging.Handler):
+    """The driver's log lines (epoch lines carry the training worker's pid under -v)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def lose_during_training(root: str, cluster: Cluster, node) -> dict:
+    # one Ray Train worker per node (SPREAD); after the loss both fit on the head's 2 CPUs
+    cfg = make_cfg(root, "train.num_workers=2", "train.placement_strategy=SPREAD", f"train.old.epochs={EPOCHS}",
+                   "train.old.batch_size=8")
+    store = open_store(cfg.storage)
+    datasets.fill(cfg, store)
+    lines = Lines()
+    logging.getLogger("fct_dist").addHandler(lines)
+    logging.getLogger("fct_dist").setLevel(logging.DEBUG)  # -v: epoch lines name the worker's pid
+    checkpoints = root + "/checkpoints"
+    thread, result = in_thread(lambda: stages.train_old(cfg, store)["metrics"]["history"])
+    registered = {"epoch": 0}
+
+    def ready() -> bool:
+        registered["epoch"] = registered_epoch(Path(checkpoints))
+        return registered["epoch"] >= 1
+
+    victims = kill_when(cluster, node, "RayTrainWorker", ready, poll=0.05)
+    at_kill = len(lines.lines)
+    thread.join(timeout=400)
+
+    def trained_by(text: list[str]) -> dict[int, list[int]]:  # worker pid -> epochs it finished (rank 0 reports)
+        out: dict[int, list[int]] = {}
+        for epoch, pid in re.findall(r"\[old\] epoch (\d+)/\d+ .*? \[worker pid (\d+)\]", "\n".join(text)):
+            out.setdefault(int(pid), []).append(int(epoch))
+        return out
+
+    before = trained_by(lines.lines[:at_kill])
+    after = {pid: e for pid, e in trained_by(lines.lines[at_kill:]).items() if pid not in before}
+    history = result.pop("value", None)
+    return {"victims": victims, "done_at_kill": registered["epoch"], "total": EPOCHS, "thread": thread,
+            "trained_before": before, "trained_after": after,
+            "history_epochs": [h["epoch"] for h in history or []]} | result
+
+
+SCENARIOS = {"backfill": lose_during_backfill, "index": lose_during_index_build, "train": lose_during_training}
+
+
+def main(root: str, scenario: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # GCS on a free port of its own
+    worker_node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    t0 = time.time()
+    r = SCENARIOS[scenario](root, cluster, worker_node)
+    victims, thread = r.pop("victims"), r.pop("thread")
+    r.pop("value", None)
+    report = r | {"scenario": scenario, "victims": len(victims), "victim_pids": [p.pid for p in victims],
+                  "victims_alive": sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims),
+                  "finished": not thread.is_alive(), "seconds": round(time.time() - t0, 1)}
     with open(f"{root}/result.json", "w") as f:
         json.dump(report, f)
     ray.shutdown()
@@ -76,4 +172,4 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "backfill")

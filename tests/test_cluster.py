@@ -1,12 +1,20 @@
 """The cluster definitions: the launcher YAML against Ray's own schema, KubeRay manifests' required fields."""
 from __future__ import annotations
 
+import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from fct_dist.storage import open_store
+
+from .support import expected_backfill, make_cfg, read_output
 
 CLUSTER = Path(__file__).parent.parent / "cluster"
 ROOT = CLUSTER.parent
@@ -73,28 +81,56 @@ def test_every_stage_has_a_job_entrypoint():
             assert (ROOT / "jobs" / f"{name.replace('-', '_')}.py").exists(), name
 
 
-def test_a_worker_node_lost_mid_backfill_ends_exactly_once_on_the_rest(tmp_path):
-    """tests/node_loss.py, in its own process: two Ray nodes on this machine, the backfill's actors on
-    both, the worker node SIGKILLed once files are done; the job ends on the head alone."""
-    import json
-    import subprocess
-    import sys
-
-    import numpy as np
-
-    from fct_dist.storage import open_store
-
-    from .support import expected_backfill, make_cfg, read_output
+def node_loss(tmp_path: Path, scenario: str) -> tuple[dict, Path]:
+    """tests/node_loss.py SCENARIO in its own process (a driver joins one cluster only): a head and a
+    worker node on this machine, the stage's workers on both, the worker node SIGKILLed mid-run."""
     root = tmp_path / "root"
-    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", str(root)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", str(root), scenario], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((root / "result.json").read_text())
-    assert r["victims"] >= 1 and r["victims_alive"] == 0, r  # actors ran on the worker node, and died with it
-    assert 2 <= r["done_at_kill"] < r["files"], r  # the node was lost mid-run
+    assert r["victims"] >= 1 and r["victims_alive"] == 0, r  # work ran on the worker node, and died with it
+    assert 1 <= r["done_at_kill"] < r["total"], r  # the node was lost mid-run
     assert r["finished"] and "error" not in r, r
+    return r, root
+
+
+def test_a_worker_node_lost_mid_backfill_ends_exactly_once_on_the_rest(tmp_path):
+    r, root = node_loss(tmp_path, "backfill")
+    assert r["done_at_kill"] >= 2, r
     store = open_store(make_cfg(str(root)).storage)
     ids, emb = read_output(store, store.path("embeddings", "fct", "test"))
     want_ids, want = expected_backfill(store, "fct", store.path("big"))
     np.testing.assert_array_equal(ids, want_ids)  # sorted: every id exactly once
     np.testing.assert_allclose(emb, want, atol=1e-5)
+
+
+def test_a_worker_node_lost_mid_index_build_indexes_every_row_once(tmp_path):
+    """The lost node's shard tasks rerun on the head (Ray retries a task whose node died); the index
+    holds every row of the lake once, with its vector."""
+    import faiss
+
+    from fct_dist.pipeline import index
+    r, root = node_loss(tmp_path, "index")
+    store = open_store(make_cfg(str(root)).storage)
+    shards, manifest = index.load(store, "fct", "test")
+    assert len(shards) == r["total"] == len(manifest["shards"])
+    ids = np.concatenate([faiss.vector_to_array(s.id_map) for s in shards])
+    vecs = np.concatenate([s.index.reconstruct_n(0, s.ntotal) for s in shards])
+    order = np.argsort(ids)
+    want_ids, want = read_output(store, store.path("embeddings", "fct", "test"))
+    np.testing.assert_array_equal(ids[order], want_ids)  # every row exactly once
+    np.testing.assert_array_equal(vecs[order], want)
+
+
+def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint_on_the_rest(tmp_path):
+    """One Ray Train worker per node; the worker node is lost once a checkpoint is registered: the
+    worker group restarts on the head and continues from that checkpoint (no epoch up to it is
+    trained again), to the last epoch."""
+    r, _ = node_loss(tmp_path, "train")
+    assert r["trained_before"], r  # epochs were trained before the loss
+    new = r["trained_after"]  # the restarted group's rank 0 (a pid that reported nothing before the loss)
+    assert new, r
+    assert all(min(epochs) > r["done_at_kill"] for epochs in new.values()), r  # nothing up to the checkpoint again
+    assert r["total"] in set().union(*new.values()), r
+    assert r["history_epochs"] == list(range(1, r["total"] + 1)), r

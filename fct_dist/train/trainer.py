@@ -11,6 +11,7 @@ import ray.train
 import torch
 import torch.nn as nn
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import layout
 from ..config import Config
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def scaling(cfg: Config) -> ray.train.ScalingConfig:
     t = cfg.train
     gpu = want_gpu(t.use_gpu)
-    return ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu,
+    return ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, placement_strategy=t.placement_strategy,
                                    resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if gpu else {}))
 
 
@@ -54,8 +55,10 @@ def follow(board, stage: str, stop: threading.Event, every: float = 0.5) -> None
         stopping = stop.wait(every)
         try:
             step, total, postfix, lines = ray.get(board.get.remote(seen), timeout=10)
-        except (ray.exceptions.RayError, TimeoutError):
-            break
+        except (ray.exceptions.RayError, TimeoutError):  # e.g. a node lost: the run goes on, and so does the bar
+            if stopping:
+                break
+            continue
         if total and bar is None:
             bar = Bar(f"[{stage}] steps", total, "steps")
         for line, pid in lines:
@@ -76,7 +79,8 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
     Checkpoints go to {storage.root}/checkpoints/{run_name}; rerunning the same run name (same stage
     config and inputs) resumes from the last checkpoint instead of starting over."""
     init_ray(cfg)
-    board, stop = Board.remote(), threading.Event()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board, stop = Board.options(scheduling_strategy=here).remote(), threading.Event()  # dies only with the driver's node
     drawer = threading.Thread(target=follow, args=(board, stage, stop), daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
