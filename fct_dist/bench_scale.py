@@ -164,13 +164,19 @@ def plot_scaling(r: dict) -> bytes:
     ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title="backfill through Ray by lake size")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    for key, style, label in (("driver_peak_rss_gb", "s--", "driver peak RSS"),
-                              ("worker_peak_rss_gb", "^--", "largest worker peak RSS")):
-        ax2.plot(sizes, [b[key] for b in r["backfill"]], style, label=label)
+    for key, style, color, label in (("driver_peak_rss_gb", "s--", "#c44", "driver peak RSS"),
+                                     ("worker_peak_rss_gb", "^--", "#e80", "largest worker peak RSS")):
+        ax2.plot(sizes, [b[key] for b in r["backfill"]], style, color=color, label=label)
     ax2.set(ylabel="GB")
     ax2.set_ylim(bottom=0)
-    fig.legend(loc="lower center", ncol=3, fontsize=8)
+    legend(ax, ax2, "lower right")
     return report.png(fig)
+
+
+def legend(ax, ax2, loc: str) -> None:
+    """One legend for a plot with a twin axis, inside the axes."""
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc=loc, fontsize=8)
 
 
 def plot_recall(r: dict) -> bytes:
@@ -185,7 +191,7 @@ def plot_recall(r: dict) -> bytes:
     ax2 = ax.twinx()
     ax2.plot(probes, [p["queries_per_second"] for p in c], "^--", color="#c44", label="queries/s")
     ax2.set(yscale="log", ylabel="queries / s")
-    fig.legend(loc="lower center", ncol=3, fontsize=8)
+    legend(ax, ax2, "lower left")
     return report.png(fig)
 
 
