@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 from typing import Callable
 
 import numpy as np
@@ -32,7 +31,7 @@ import ray
 import torch
 
 from . import lake, layout
-from .bench_report import IO_JOB, plot_scaling, plot_throughput, render
+from .bench_report import IO_JOB, plot_by_size, plot_throughput, render, write
 from .config import Actors, Config
 from .fixtures import IMAGE_SPLIT, Profile, image_lake, profiles, save_models, stored_lake
 from .lake import LakeError
@@ -212,11 +211,6 @@ def run(cfg: Config, store: Store) -> dict:
                           "extract": {k: getattr(cfg.extract, k) for k in ("num_actors", "cpus_per_actor",
                                                                            "files_in_flight", "precision")},
                           "bench": {k: v for k, v in cfg.to_dict()["bench"].items() if k != "projection"}}
-    directory = layout.report(store, time.strftime("bench-%Y%m%d-%H%M%S"))
-    store.write_json(f"{directory}/bench.json", result)
-    store.write_bytes(f"{directory}/throughput.png", plot_throughput(result))
-    store.write_bytes(f"{directory}/scaling.png", plot_scaling(result))
-    md = render(result)
-    store.write_bytes(f"{directory}/bench.md", md.encode())
-    log.info("%s\nbench report: %s/bench.md", md, store.uri(directory))
-    return result | {"report_dir": directory}
+    plots = {"throughput.png": plot_throughput(result), "scaling.png": plot_by_size(
+        result["scale"], "production backfill (Ray) by lake size", {"peak_rss_gb": "peak RSS of the process tree"})}
+    return result | {"report_dir": write(store, "bench", result, plots, render(result))}

@@ -1,7 +1,13 @@
 """The benchmark's report: bench.md and its two plots (throughput by job, backfill by lake size)."""
 from __future__ import annotations
 
-from . import report
+import logging
+import time
+
+from . import layout, report
+from .storage import Store
+
+log = logging.getLogger(__name__)
 
 IO_JOB = "backfill, zero-cost transform"
 
@@ -26,18 +32,37 @@ def plot_throughput(r: dict) -> bytes:
     return report.png(fig)
 
 
-def plot_scaling(r: dict) -> bytes:
-    fig, ax = report.figure((6, 4))
-    sizes = [s["rows"] for s in r["scale"]]
-    ax.plot(sizes, [s["items_per_second"] for s in r["scale"]], "o-", label="rows/s (steady)")
-    ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title="production backfill (Ray) by lake size")
+def plot_by_size(runs: list[dict], title: str, memory: dict[str, str]) -> bytes:
+    """Steady rows/s and peak memory (GB) by lake size; `memory` maps a run's key to its label."""
+    fig, ax = report.figure((6.5, 4))
+    sizes = [r["rows"] for r in runs]
+    ax.plot(sizes, [r["items_per_second"] for r in runs], "o-", label="rows/s (steady)")
+    ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title=title)
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(sizes, [s["peak_rss_gb"] for s in r["scale"]], "s--", color="#c44", label="peak RSS (GB)")
-    ax2.set_ylabel("peak RSS of the process tree (GB)")
+    for (key, label), style, color in zip(memory.items(), ("s--", "^--"), ("#c44", "#e80")):
+        ax2.plot(sizes, [r[key] for r in runs], style, color=color, label=label)
+    ax2.set(ylabel="GB")
     ax2.set_ylim(bottom=0)
-    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    legend(ax, ax2, "lower right")
     return report.png(fig)
+
+
+def legend(ax, ax2, loc: str) -> None:
+    """One legend for a plot with a twin axis, inside the axes."""
+    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc=loc, fontsize=8)
+
+
+def write(store: Store, run: str, result: dict, plots: dict[str, bytes], md: str) -> str:
+    """reports/{run}-{timestamp}/: bench.json, the plots (name -> PNG) and bench.md; returns the folder."""
+    directory = layout.report(store, time.strftime(f"{run}-%Y%m%d-%H%M%S"))
+    store.write_json(f"{directory}/bench.json", result)
+    for name, png in plots.items():
+        store.write_bytes(f"{directory}/{name}", png)
+    store.write_bytes(f"{directory}/bench.md", md.encode())
+    log.info("%s\n%s report: %s/bench.md", md, run, store.uri(directory))
+    return directory
 
 
 def render(r: dict) -> str:

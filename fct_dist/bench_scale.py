@@ -25,6 +25,7 @@ import torch
 
 from . import lake, layout, report
 from .bench import backfill_job, engine_run, on, pool_gpus
+from .bench_report import legend, plot_by_size, write
 from .config import Config
 from .fixtures import Clustered, save_transformation, stored_lake
 from .layout import FCT
@@ -147,36 +148,10 @@ def run(cfg: Config, store: Store) -> dict:
     result["projection"] = projection(result, cfg.bench.projection.items)
     result["disk_gb_used"] = round(sum(i.size for i in root.fs.get_file_info(
         pafs.FileSelector(root.root, recursive=True)) if i.type == pafs.FileType.File) / 1e9, 1)
-    directory = layout.report(store, time.strftime("bench-scale-%Y%m%d-%H%M%S"))
-    store.write_json(f"{directory}/bench.json", result)
-    store.write_bytes(f"{directory}/scaling.png", plot_scaling(result))
-    store.write_bytes(f"{directory}/recall.png", plot_recall(result))
-    md = render(result)
-    store.write_bytes(f"{directory}/bench.md", md.encode())
-    log.info("%s\nscale report: %s/bench.md", md, store.uri(directory))
-    return result | {"report_dir": directory}
-
-
-def plot_scaling(r: dict) -> bytes:
-    fig, ax = report.figure((6.5, 4))
-    sizes = [b["rows"] for b in r["backfill"]]
-    ax.plot(sizes, [b["items_per_second"] for b in r["backfill"]], "o-", label="rows/s (steady)")
-    ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title="backfill through Ray by lake size")
-    ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
-    for key, style, color, label in (("driver_peak_rss_gb", "s--", "#c44", "driver peak RSS"),
-                                     ("worker_peak_rss_gb", "^--", "#e80", "largest worker peak RSS")):
-        ax2.plot(sizes, [b[key] for b in r["backfill"]], style, color=color, label=label)
-    ax2.set(ylabel="GB")
-    ax2.set_ylim(bottom=0)
-    legend(ax, ax2, "lower right")
-    return report.png(fig)
-
-
-def legend(ax, ax2, loc: str) -> None:
-    """One legend for a plot with a twin axis, inside the axes."""
-    (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc=loc, fontsize=8)
+    plots = {"scaling.png": plot_by_size(result["backfill"], "backfill through Ray by lake size", {
+        "driver_peak_rss_gb": "driver peak RSS", "worker_peak_rss_gb": "largest worker peak RSS"}),
+        "recall.png": plot_recall(result)}
+    return result | {"report_dir": write(store, "bench-scale", result, plots, render(result))}
 
 
 def plot_recall(r: dict) -> bytes:

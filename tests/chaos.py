@@ -152,10 +152,10 @@ def node_loss_round(t: Tally, root: str) -> list[dict]:
 
     from . import node_loss
     rows, out = node_loss.FILES * node_loss.ROWS_PER_FILE, []
+    subprocess.run([sys.executable, "-m", "tests.node_loss", f"{root}/node-loss"], check=True, capture_output=True,
+                   timeout=900)
     for scenario in node_loss.SCENARIOS:
-        where = f"{root}/node-{scenario}"
-        subprocess.run([sys.executable, "-m", "tests.node_loss", where, scenario], check=True, capture_output=True,
-                       timeout=900)
+        where = f"{root}/node-loss/{scenario}"
         r = json.loads(Path(where, "result.json").read_text())
         if not (r["victims"] and 1 <= r["done_at_kill"] < r["total"] and r["finished"] and "error" not in r):
             raise AssertionError(f"node lost during {scenario}: {r}")
@@ -169,8 +169,8 @@ def node_loss_round(t: Tally, root: str) -> list[dict]:
             t.tally("index build, a worker node lost", ids, rows)
         else:
             t.runs += 1
-            if r["history_epochs"] != list(range(1, r["total"] + 1)) or not r["trained_after"] or min(
-                    min(e) for e in r["trained_after"].values()) <= r["done_at_kill"]:
+            resumed = r["history"][-1]["resumed_at"]
+            if [h["epoch"] for h in r["history"]] != list(range(1, r["total"] + 1)) or resumed < r["done_at_kill"]:
                 raise AssertionError(f"training did not resume from its checkpoint after the node loss: {r}")
         out.append(r)
         print(f"[chaos] node lost during {scenario}: {r['victims']} workers killed with it after {r['done_at_kill']} "

@@ -4,7 +4,7 @@ placed on both, then the worker node killed whole (SIGKILL of its raylet; its wo
 Run in its own process by tests/test_cluster.py and by the chaos soak (a driver can join one Ray
 cluster only):
 
-    python -m tests.node_loss ROOT backfill|index|train     # writes ROOT/result.json
+    python -m tests.node_loss ROOT [backfill] [index] [train]   # writes ROOT/{scenario}/result.json
 
 backfill: the engine's actors; index: the shard-adding Ray tasks of `fct index`; train: Ray Train's
 workers (one per node), killed once a checkpoint is registered.
@@ -12,8 +12,7 @@ workers (one per node), killed once a checkpoint is registered.
 from __future__ import annotations
 
 import json
-import logging
-import re
+import os
 import sys
 import threading
 import time
@@ -104,72 +103,52 @@ def lose_during_index_build(root: str, cluster: Cluster, node) -> dict:
     return {"victims": victims, "done_at_kill": done_at_kill, "total": FILES, "thread": thread} | result
 
 
-class Lines(logging.Handler):
-    """The driver's log lines (epoch lines carry the training worker's pid under -v)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def lose_during_training(root: str, cluster: Cluster, node) -> dict:
     # one Ray Train worker per node (SPREAD); after the loss both fit on the head's 2 CPUs
     cfg = make_cfg(root, "train.num_workers=2", "train.placement_strategy=SPREAD", f"train.old.epochs={EPOCHS}",
                    "train.old.batch_size=8")
     store = open_store(cfg.storage)
     datasets.fill(cfg, store)
-    lines = Lines()
-    logging.getLogger("fct_dist").addHandler(lines)
-    logging.getLogger("fct_dist").setLevel(logging.DEBUG)  # -v: epoch lines name the worker's pid
     checkpoints = root + "/checkpoints"
     thread, result = in_thread(lambda: stages.train_old(cfg, store)["metrics"]["history"])
     registered = {"epoch": 0}
 
-    def ready() -> bool:
+    def ready() -> bool:  # a checkpoint is registered, and a Train worker runs on each node (SPREAD is a wish)
         registered["epoch"] = registered_epoch(Path(checkpoints))
-        return registered["epoch"] >= 1
+        return registered["epoch"] >= 1 and bool(on_node(cluster.head_node, "RayTrainWorker"))
 
     victims = kill_when(cluster, node, "RayTrainWorker", ready, poll=0.05)
-    at_kill = len(lines.lines)
     thread.join(timeout=400)
-
-    def trained_by(text: list[str]) -> dict[int, list[int]]:  # worker pid -> epochs it finished (rank 0 reports)
-        out: dict[int, list[int]] = {}
-        for epoch, pid in re.findall(r"\[old\] epoch (\d+)/\d+ .*? \[worker pid (\d+)\]", "\n".join(text)):
-            out.setdefault(int(pid), []).append(int(epoch))
-        return out
-
-    before = trained_by(lines.lines[:at_kill])
-    after = {pid: e for pid, e in trained_by(lines.lines[at_kill:]).items() if pid not in before}
-    history = result.pop("value", None)
+    history = result.pop("value", None) or []
     return {"victims": victims, "done_at_kill": registered["epoch"], "total": EPOCHS, "thread": thread,
-            "trained_before": before, "trained_after": after,
-            "history_epochs": [h["epoch"] for h in history or []]} | result
+            "history": [{"epoch": h["epoch"], "resumed_at": h["resumed_at"]} for h in history]} | result
 
 
 SCENARIOS = {"backfill": lose_during_backfill, "index": lose_during_index_build, "train": lose_during_training}
 
 
-def main(root: str, scenario: str) -> None:
+def main(root: str, scenarios: list[str]) -> None:
+    """Each scenario on the same cluster, a fresh worker node for each; ROOT/{scenario}/result.json."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # GCS on a free port of its own
-    worker_node = cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
-    t0 = time.time()
-    r = SCENARIOS[scenario](root, cluster, worker_node)
-    victims, thread = r.pop("victims"), r.pop("thread")
-    r.pop("value", None)
-    report = r | {"scenario": scenario, "victims": len(victims), "victim_pids": [p.pid for p in victims],
-                  "victims_alive": sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims),
-                  "finished": not thread.is_alive(), "seconds": round(time.time() - t0, 1)}
-    with open(f"{root}/result.json", "w") as f:
-        json.dump(report, f)
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        for scenario in scenarios:
+            worker_node = cluster.add_node(num_cpus=2)
+            cluster.wait_for_nodes()
+            t0, where = time.time(), f"{root}/{scenario}"
+            r = SCENARIOS[scenario](where, cluster, worker_node)
+            victims, thread = r.pop("victims"), r.pop("thread")
+            r.pop("value", None)
+            report = r | {"scenario": scenario, "victims": len(victims), "victim_pids": [p.pid for p in victims],
+                          "victims_alive": sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in victims),
+                          "finished": not thread.is_alive(), "seconds": round(time.time() - t0, 1)}
+            os.makedirs(where, exist_ok=True)
+            with open(f"{where}/result.json", "w") as f:
+                json.dump(report, f)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "backfill")
+    main(sys.argv[1], sys.argv[2:] or list(SCENARIOS))

@@ -204,7 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss.item():.4f} "
                                          f"{seen * world / (time.time() - t0):.0f} items/s")
         metrics = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": time.time() - t0,
-                   "items_per_s": seen * world / (time.time() - t0)}
+                   "items_per_s": seen * world / (time.time() - t0),
+                   "resumed_at": start}  # the checkpoint's epoch this worker group started from (0: none)
         history.append(metrics)
         if rank == 0:
             board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
