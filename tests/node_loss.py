@@ -29,22 +29,14 @@ from fct_dist.pipeline import backfill, index
 from fct_dist.storage import Store, open_store
 from fct_dist.train import stages
 
-from .support import id_lake, make_cfg, registered_epoch, tiny_transformations
+from .support import id_lake, make_cfg, processes, registered_epoch, tiny_transformations
 
 FILES, ROWS_PER_FILE, EPOCHS = 40, 3000, 8
 
 
 def on_node(node, title: str) -> list[psutil.Process]:
     """Processes under this node's raylet whose title contains `title` (ray::<Actor or task>)."""
-    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-    out = []
-    for p in raylet.children(recursive=True):
-        try:
-            if title in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
+    return processes(title, psutil.Process(node.all_processes["raylet"][0].process.pid))
 
 
 def in_thread(work: Callable[[], object]) -> tuple[threading.Thread, dict]:
