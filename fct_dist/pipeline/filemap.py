@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import queue
@@ -310,8 +309,7 @@ class FileWorker:
     def map_file(self, task: Task) -> dict:
         try:
             return self._attempt(task)
-        finally:  # the file's buffers go back to the OS with it (cycles too), so a worker's memory stays flat
-            gc.collect()
+        finally:  # the file's Arrow buffers go back to the OS with it, not at the allocator's leisure
             pa.default_memory_pool().release_unused()
 
     def _attempt(self, task: Task) -> dict:
