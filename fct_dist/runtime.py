@@ -9,6 +9,7 @@ import sys
 import psutil
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import Config
 
@@ -48,6 +49,12 @@ def init_ray(cfg: Config) -> None:
         # the dashboard (127.0.0.1 only) serves the state API that Ray Train's controller polls
         kwargs = {"num_cpus": cfg.ray.num_cpus, "object_store_memory": cfg.ray.object_store_memory}
     ray.init(address=cfg.ray.address, **kwargs, **quiet)
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Schedule an actor on this driver's node where it can be: a helper the driver reads (a progress
+    board) then dies only with the driver's node."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
 def gpus_available() -> bool:

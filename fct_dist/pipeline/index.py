@@ -15,13 +15,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 from faiss.contrib.exhaustive_search import knn_ground_truth
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import currency, lake, layout
 from ..config import Config, digest
 from ..lake import LakeError
 from ..progress import Bar
-from ..runtime import init_ray, want_gpu
+from ..runtime import init_ray, on_driver_node, want_gpu
 from ..storage import Store, StorageError
 
 log = logging.getLogger(__name__)
@@ -108,8 +107,7 @@ def _add_shard(trained: bytes, store: Store, files: list[str], column: str, d: i
 def add_shards(trained: bytes, store: Store, slices: list[list[str]], column: str, d: int, id_col: str, out: str,
                use_gpu: bool, rows: int) -> list[dict]:
     """Ray tasks add the slices to copies of the trained index, shard-{i}.faiss each, under a live bar."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    added, ref = RowsAdded.options(scheduling_strategy=here).remote(), ray.put(trained)
+    added, ref = RowsAdded.options(scheduling_strategy=on_driver_node()).remote(), ray.put(trained)
     bar = Bar("[index] rows added", rows, "rows")
     pending = [_add_shard.options(num_cpus=0.5, num_gpus=1 if use_gpu else 0).remote(
         ref, store, sl, column, d, id_col, f"{out}/shard-{i:05d}.faiss", use_gpu, added) for i, sl in enumerate(slices)]

@@ -11,12 +11,11 @@ import ray.train
 import torch
 import torch.nn as nn
 from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .. import layout
 from ..config import Config
 from ..progress import Bar
-from ..runtime import init_ray, verbose, want_gpu
+from ..runtime import init_ray, on_driver_node, verbose, want_gpu
 from ..storage import Store
 from .loop import STATE, Task, train_loop_per_worker
 
@@ -79,8 +78,7 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
     Checkpoints go to {storage.root}/checkpoints/{run_name}; rerunning the same run name (same stage
     config and inputs) resumes from the last checkpoint instead of starting over."""
     init_ray(cfg)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    board, stop = Board.options(scheduling_strategy=here).remote(), threading.Event()  # dies only with the driver's node
+    board, stop = Board.options(scheduling_strategy=on_driver_node()).remote(), threading.Event()
     drawer = threading.Thread(target=follow, args=(board, stage, stop), daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
