@@ -212,11 +212,14 @@ def test_local_services_listen_on_loopback(ray_local, s3_endpoint):
     proxy = FaultProxy(s3_endpoint).start()
     try:
         me = psutil.Process()
-        ours = {p.pid: p for p in [me, *me.children(recursive=True)]}
-        listening = [(c.laddr.ip, c.laddr.port, ours[c.pid]) for c in psutil.net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
-        for url in (ray_local.dashboard_url, s3_endpoint, proxy.url):
+        # Each service is told by the process that owns it as well as its port: Ray's servers in other
+        # processes bind every interface, and one may hold the same port number at another address.
+        dashboard = [p.pid for p in me.children(recursive=True) if any("dashboard.py" in a for a in p.cmdline())]
+        assert len(dashboard) == 1, dashboard
+        listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN]
+        for url, owner in ((ray_local.dashboard_url, dashboard[0]), (s3_endpoint, me.pid), (proxy.url, me.pid)):
             port = int(url.rsplit(":", 1)[1])
-            assert {ip for ip, p, _ in listening if p == port} == {"127.0.0.1"}, url
+            assert {ip for ip, p, pid in listening if p == port and pid == owner} == {"127.0.0.1"}, url
     finally:
         proxy.stop()
