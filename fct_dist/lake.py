@@ -42,8 +42,10 @@ def part_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
-def to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, d) float array -> fixed_size_list<float32>[d]."""
+def to_arrow(x: np.ndarray) -> pa.Array:
+    """(n, d) float array -> fixed_size_list<float32>[d]; a 1-d array (a scalar per row) as it is."""
+    if x.ndim == 1:
+        return pa.array(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import deque
+from typing import Any, Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import ray
 
-from ..config import Config, ConfigError
+from ..config import Actors, Config, ConfigError
 from ..lake import LakeError
 from ..lease import Lease
 from ..progress import Bar
@@ -183,6 +185,24 @@ def actor_pool(job: FileJob, tasks: list[Task], lease: Lease, cfg: Config | None
     finally:
         for x in actors:
             ray.kill(x)
+
+
+def _apply(fn: Callable[[list], Any], group: list) -> Any:
+    return fn(group)
+
+
+def map_groups(cfg: Config, actors: Actors, fn: Callable[[list], Any], groups: list[list]) -> list:
+    """fn over each group of items (e.g. files), as Ray tasks of the section's CPU share or, with the local
+    distributor, in this process's threads; results in the groups' order."""
+    if actors.distributor == "ray":
+        init_ray(cfg)
+        remote = ray.remote(num_cpus=actors.cpus_per_actor)(_apply)
+        try:
+            return ray.get([remote.remote(fn, g) for g in groups])
+        except ray.exceptions.RayTaskError as e:
+            raise _own_error(e) from None
+    with ThreadPoolExecutor(max(1, min(len(groups), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, groups))
 
 
 def run(cfg: Config, job: FileJob) -> dict:

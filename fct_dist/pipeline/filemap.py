@@ -57,7 +57,20 @@ ROW_GROUP_ROWS = 65_536  # output rows per Parquet row group
 
 class BatchFn(Protocol):
     def __call__(self, batch: pa.RecordBatch) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
-        """-> (bad-row mask, reason per bad row, output vectors {column: (n_good, d)} of the good rows)."""
+        """-> (bad-row mask, reason per bad row, output columns {column: (n_good, d), or (n_good,) for a
+        scalar column} of the good rows)."""
+
+
+def column_type(p: dict) -> pa.DataType:
+    """The Arrow type of an output column from its producer entry: a float32 vector of `dim`, or with
+    dim 0 a scalar of `type` (float32 unless it says bool)."""
+    return pa.list_(pa.float32(), p["dim"]) if p["dim"] else pa.from_numpy_dtype(np.dtype(p.get("type", "float32")))
+
+
+def true_rows(table: pa.Table, producer: dict) -> dict[str, int]:
+    """Rows that are true in each bool output column (e.g. how many rows came from which source)."""
+    return {c: int(np.count_nonzero(table[c].to_numpy(zero_copy_only=False))) for c, p in producer.items()
+            if p.get("type") == "bool"}
 
 
 class InputChanged(StorageError):
@@ -345,7 +358,7 @@ class FileWorker:
                                 f"({'kept in an earlier file' if kept[first] else 'repeated in this file'}); "
                                 f"set {job.name}.on_bad_input=quarantine to move such rows to rejected/")
             writer = OutputWriter(job.store, f"{job.out_dir}/{inp.name}", self._out_schema(), job.id_col)
-            rejected, rows_in = [], 0
+            rejected, rows_in, trues = [], 0, {}
             try:
                 with contextlib.closing(Prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns))) as batches:
                     for rb in batches:
@@ -353,6 +366,8 @@ class FileWorker:
                         rows_in += rb.num_rows
                         out, rej = self._map_batch(rb, where, repeated[sl], kept[sl])
                         writer.add(out)
+                        for c, n in true_rows(out, job.producer).items():
+                            trues[c] = trues.get(c, 0) + n
                         if rej is not None:
                             rejected.append(rej)
             except BaseException:
@@ -364,7 +379,8 @@ class FileWorker:
             raise RuntimeError(f"{where}: rows do not add up: footer {inp.rows}, read {rows_in}, "
                                f"written {writer.rows} + rejected {n_rej}")
         stats = {"input": inp.identity(), "rows_in": rows_in, "rows_out": writer.rows, "rows_rejected": n_rej,
-                 "bytes_in": inp.size, "quarantined": "", "rejected_files": [inp.name] if rejected else []}
+                 "bytes_in": inp.size, "quarantined": "", "rejected_files": [inp.name] if rejected else [],
+                 "true_rows": trues}
         try:  # rejected rows first: the output file is the commit
             if rejected:
                 table = pa.concat_tables(rejected).replace_schema_metadata({KEY: task.key})
@@ -378,8 +394,7 @@ class FileWorker:
 
     def _out_schema(self) -> pa.Schema:
         job = self.job
-        fields = [pa.field(job.id_col, pa.int64())] + [pa.field(c, pa.list_(pa.float32(), p["dim"]))
-                                                      for c, p in job.producer.items()]
+        fields = [pa.field(job.id_col, pa.int64())] + [pa.field(c, column_type(p)) for c, p in job.producer.items()]
         return pa.schema(fields, metadata={lake.META_KEY: json.dumps(job.producer, sort_keys=True)})
 
     def _map_batch(self, rb: pa.RecordBatch, where: str, repeated: np.ndarray,
@@ -397,9 +412,9 @@ class FileWorker:
             raise LakeError(f"{where}: id {int(ids[first])}: {reasons[0]} ({int(invalid.sum())} bad rows in this "
                             f"batch; set {job.name}.on_bad_input=quarantine to move them to rejected/)")
         for c, v in vectors.items():  # a model that does not match its record is a bug, not bad input
-            if v.ndim != 2 or v.shape != (int((~invalid).sum()), job.producer[c]["dim"]):
-                raise RuntimeError(f"{job.name}: the batch function returned {c} of shape {v.shape}; expected "
-                                   f"({int((~invalid).sum())}, {job.producer[c]['dim']})")
+            want = (int((~invalid).sum()), *([job.producer[c]["dim"]] if job.producer[c]["dim"] else []))
+            if v.shape != want:
+                raise RuntimeError(f"{job.name}: the batch function returned {c} of shape {v.shape}; expected {want}")
         if dup[~invalid].any():
             vectors = {k: v[~dup[~invalid]] for k, v in vectors.items()}
         out = pa.table({job.id_col: pa.array(ids[~bad], pa.int64())} | {k: lake.to_arrow(v) for k, v in vectors.items()})
@@ -427,7 +442,7 @@ def quarantine(job: FileJob, task: Task, reason: str, t0: float | None = None) -
              "bytes_in": inp.size, "quarantined": reason,
              "rejected_files": [f"{inp.name}.quarantined", f"{inp.name}.reason.json"]}
     empty = pa.table({job.id_col: pa.array([], pa.int64())} | {
-        c: lake.to_arrow(np.zeros((0, p["dim"]), np.float32)) for c, p in job.producer.items()})
+        c: pa.array([], column_type(p)) for c, p in job.producer.items()})
     meta = {KEY: task.key, STATS: json.dumps(stats), lake.META_KEY: json.dumps(job.producer, sort_keys=True)}
     nbytes = lake.write_part(job.store, f"{job.out_dir}/{inp.name}", empty.replace_schema_metadata(meta))
     log.warning("[%s] quarantined %s: %s", job.name, store.uri(inp.path), reason)
@@ -528,6 +543,8 @@ def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], jo
     known = [r for r in results if r["rows_in"] is not None]
     total = {k: sum(r[k] for r in known) for k in ("rows_in", "rows_out", "rows_rejected")}
     total |= {k: sum(r[k] for r in results) for k in ("bytes_in", "bytes_out")}
+    trues = {c: sum(r.get("true_rows", {}).get(c, 0) for r in results) for c, p in job.producer.items()
+             if p.get("type") == "bool"}
     if total["rows_out"] + total["rows_rejected"] != total["rows_in"]:
         raise RuntimeError(f"{job.name}: rows do not add up: out {total['rows_out']} + rejected "
                            f"{total['rows_rejected']} != read {total['rows_in']}; not committing")
@@ -537,7 +554,7 @@ def commit(job: FileJob, lease: Lease, results: list[dict], names: list[str], jo
     busy = fn_seconds / (timing["workers"] * timing["map_seconds"]) if timing["workers"] else None
     summary = total | {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()} | {
         "fn_seconds": round(fn_seconds, 3), "fn_busy": round(busy, 3) if busy is not None else None,
-        "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined,
+        "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined, "true_rows": trues,
         "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
         "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
     manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint,
