@@ -80,6 +80,7 @@ class SideInfo(Backbone):
 class Transformation:
     hidden: int = num(512, 8, 65536)
     branch: int = num(256, 8, 65536)
+    uncertainty: bool = True
 
 
 @dataclass
@@ -126,6 +127,9 @@ class BctTrain(ClassifierTrain):
 @dataclass
 class TransformationTrain(Optim):
     freeze_bn_fraction: float = num(0.5, 0.0, 1.0)
+    classification_weight: float = num(0.1, 0.0, 100.0)
+    label_smoothing: float = num(0.1, 0.0, 1.0)
+    mu_uncertainty: float = num(0.5, 0.0, 100.0)
 
 
 @dataclass
@@ -170,6 +174,7 @@ class Columns:
     side: str = "side"
     new: str = "new"
     out: str = "emb"
+    uncertainty: str = "uncertainty"
 
 
 @dataclass
@@ -188,6 +193,13 @@ class Eval:
     exact_max_gallery: int = num(200_000, 1)
     search_k: int = num(1000, 1, 100_000)
     split: str = "test"
+    curve_points: int = num(11, 2, 1001)
+    curve_queries: Optional[int] = num(2000, 1)
+
+
+@dataclass
+class Refill:
+    budget: float = num(0.1, 0.0, 1.0)
 
 
 @dataclass
@@ -248,6 +260,7 @@ class Config:
     columns: Columns = sub(Columns)
     index: Index = sub(Index)
     eval: Eval = sub(Eval)
+    refill: Refill = sub(Refill)
     bench: Bench = sub(Bench)
     ray: RayCfg = sub(RayCfg)
 

@@ -1,4 +1,5 @@
-"""Losses of FCT's models: label-smoothed CE, NT-Xent (SimCLR), BCT influence, transformation MSE."""
+"""Losses of FCT's models: label-smoothed CE, NT-Xent (SimCLR), BCT influence, the transformation's
+(MSE, plus FastFill's classification term and uncertainty weighting)."""
 from __future__ import annotations
 
 import torch
@@ -32,5 +33,16 @@ def bct_influence(new_emb: torch.Tensor, labels: torch.Tensor, old_fc: torch.Ten
     return F.cross_entropy(new_emb[known] @ old_fc.T, idx[known])
 
 
-def transformation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred, target)
+def transformation(pred: torch.Tensor, target: torch.Tensor, log_var: torch.Tensor | None = None,
+                   logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   classification_weight: float = 0.0, smoothing: float = 0.1, mu: float = 0.5) -> torch.Tensor:
+    """Per item L = squared error to the new embedding (mean over dims) + classification_weight x the
+    label-smoothed CE of the frozen new classifier's `logits` on h's output; with FastFill's log-variance
+    s per item, the loss is mean(0.5 exp(-s) L + mu s), else mean(L)."""
+    per_item = ((pred - target) ** 2).mean(1)  # (B,)
+    if classification_weight:
+        per_item = per_item + classification_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing,
+                                                                       reduction="none")
+    if log_var is None:
+        return per_item.mean()
+    return (0.5 * torch.exp(-log_var) * per_item + mu * log_var).mean()

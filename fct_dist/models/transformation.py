@@ -1,4 +1,5 @@
-"""FCT's transformation h(old, side) -> new (reference layout of apple/ml-fct)."""
+"""FCT's transformation h(old, side) -> new (reference layout of apple/ml-fct), with FastFill's
+uncertainty head: a log-variance s per item, predicted from h's output."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class TransformationConfig:
     branch: int = 256  # width of each input branch
     hidden: int = 2048  # width of the mixer
     use_side: bool = True  # False: the ablation that feeds `old` into both branches
+    uncertainty: bool = False  # FastFill: a linear head new -> 1 predicting each item's log-variance s
 
 
 class Transformation(nn.Module):
@@ -32,8 +34,13 @@ class Transformation(nn.Module):
         self.old = nn.Sequential(*layer(c.old_dim, b), *layer(b, b))
         self.side = nn.Sequential(*layer(c.side_dim if c.use_side else c.old_dim, b), *layer(b, b))
         self.mix = nn.Sequential(*layer(2 * b, c.hidden), *layer(c.hidden, c.hidden), nn.Linear(c.hidden, c.new_dim))
+        self.log_var = nn.Linear(c.new_dim, 1) if c.uncertainty else None
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         # old (B, old_dim), side (B, side_dim) -> (B, new_dim)
         s = side if self.use_side else old
         return self.mix(torch.cat([self.old(old), self.side(s)], dim=1))
+
+    def log_variance(self, emb: torch.Tensor) -> torch.Tensor:
+        """FastFill's uncertainty of each output (B, new_dim) -> (B,): high = re-extract it first."""
+        return self.log_var(emb).squeeze(1)

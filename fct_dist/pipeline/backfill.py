@@ -26,7 +26,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 class TransformFn:
-    """h on the actor's device; null, ragged (another length), NaN or inf vectors are invalid rows."""
+    """h on the actor's device; null, ragged (another length), NaN or inf vectors are invalid rows. An h
+    with an uncertainty head also writes each row's log-variance (columns.uncertainty)."""
 
     def __init__(self, store: Store, h_name: str, cols: Columns, precision: str):
         module, meta = registry.load(store, h_name, {"kind": "transformation"})
@@ -49,8 +50,11 @@ class TransformFn:
             x = {k: v[~invalid] for k, v in x.items()}
         to = functools.partial(torch.as_tensor, device=self.device, dtype=self.dtype)
         out = self.h(to(x["old"]), to(x["side"]) if "side" in x else None) if invalid.sum() < rb.num_rows \
-            else torch.zeros(0, self.dims["new"])
-        return invalid, [why[r] for r in np.flatnonzero(invalid).tolist()], {self.cols.out: out.float().cpu().numpy()}
+            else torch.zeros(0, self.dims["new"], device=self.device, dtype=self.dtype)
+        cols = {self.cols.out: out.float().cpu().numpy()}
+        if self.h.log_var is not None:
+            cols[self.cols.uncertainty] = self.h.log_variance(out).float().cpu().numpy()
+        return invalid, [why[r] for r in np.flatnonzero(invalid).tolist()], cols
 
 
 def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
@@ -68,6 +72,9 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
     roles = {"old": cols.old} | ({"side": cols.side} if meta["arch"]["use_side"] else {})
     producer = {cols.out: {"model": h_name, "version": meta["version"], "dim": meta["dims"]["new"],
                            "inputs": {r: meta["producers"][r] for r in roles}}}
+    if meta["arch"].get("uncertainty"):
+        producer[cols.uncertainty] = {"model": h_name, "version": meta["version"], "dim": 0,
+                                      "what": "log-variance of the output (FastFill): higher = less sure"}
     return filemap.FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, h_name, split),
         expected={cols.id: pa.int64()} | {c: meta["dims"][r] for r, c in roles.items()},

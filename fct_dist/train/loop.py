@@ -110,27 +110,65 @@ class SimCLRTask(ImageTask):
         return losses.nt_xent(model(augment.view(x)), model(augment.view(x)), self.opt.temperature)
 
 
-def read_features(store: Store, directory: str, columns: dict[str, str], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+def read_features(store: Store, directory: str, columns: dict[str, str], dims: dict[str, int],
+                  with_ids: bool = False) -> dict[str, torch.Tensor]:
     """{role: (n, d) float32} of a features lake; `columns` maps id, old, new (and side) to column names.
-    Without side-info, `side` is `old` (the no-side transformation feeds old into both branches)."""
+    Without side-info, `side` is `old` (the no-side transformation feeds old into both branches).
+    With `with_ids`, also "id": (n,) int64."""
     vec = {r: c for r, c in columns.items() if r != "id"}
     t = lake.read_lake(store, directory, {columns["id"]: pa.int64()} | {c: dims[r] for r, c in vec.items()},
                        columns=[columns["id"], *vec.values()], id_col=columns["id"])
     x = {r: torch.from_numpy(lake.to_numpy(t[c])) for r, c in vec.items()}
-    return x | {"side": x.get("side", x["old"])}
+    ids = {"id": torch.from_numpy(t[columns["id"]].to_numpy())} if with_ids else {}
+    return x | {"side": x.get("side", x["old"])} | ids
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Where the class of each feature row is read: a lake with (id, label) columns, and the frozen new
+    classifier's classes (its output i is class classes[i])."""
+    directory: str
+    id_col: str
+    label_col: str
+    classes: list[int]
+
+    def targets(self, store: Store, ids: np.ndarray) -> np.ndarray:
+        """The classifier index of each id's label; an id without a label, or of a class the classifier
+        lacks, is an error naming it."""
+        t = lake.read_lake(store, self.directory, {self.id_col: pa.int64()}, columns=[self.id_col, self.label_col],
+                           id_col=self.id_col).sort_by(self.id_col)
+        known, labels = t[self.id_col].to_numpy(), t[self.label_col].to_numpy()
+        pos = np.searchsorted(known, ids).clip(max=len(known) - 1)
+        missing = known[pos] != ids
+        if missing.any():
+            raise lake.LakeError(f"{store.uri(self.directory)}: no {self.label_col!r} for id {int(ids[missing][0])} "
+                                 f"({int(missing.sum())} feature rows without a label)")
+        classes = np.asarray(self.classes)
+        idx = np.searchsorted(classes, labels[pos]).clip(max=len(classes) - 1)
+        if (classes[idx] != labels[pos]).any():
+            bad = int(np.flatnonzero(classes[idx] != labels[pos])[0])
+            raise lake.LakeError(f"{store.uri(self.directory)}: id {int(ids[bad])} has label {int(labels[pos][bad])}, "
+                                 f"a class the new model's classifier does not have ({self.classes})")
+        return idx.astype(np.int64)
 
 
 @dataclass
 class TransformationTask(Task):
+    """h(old, side) -> new by MSE; with a classifier, plus its label-smoothed CE on h's output; with an
+    uncertainty head, FastFill's weighting of both by each item's predicted log-variance."""
     store: Store = None
     features: str = ""  # directory of the feature lake's train split
     columns: dict = None  # role (id, old, side, new) -> column name
     arch: TransformationConfig = None
+    classifier: torch.Tensor | None = None  # the frozen new model's classifier weight (classes, new_dim)
+    labels: Labels | None = None  # with `classifier`: where each row's class is read
 
     def dataset(self) -> TensorDataset:
         a = self.arch
-        x = read_features(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim})
-        return TensorDataset(x["old"], x["side"], x["new"])
+        x = read_features(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim},
+                          with_ids=True)
+        y = self.labels.targets(self.store, x["id"].numpy()) if self.labels else np.zeros(len(x["id"]), np.int64)
+        return TensorDataset(x["old"], x["side"], x["new"], torch.from_numpy(y))
 
     def model(self) -> nn.Module:
         return Transformation(self.arch)
@@ -139,15 +177,20 @@ class TransformationTask(Task):
         return torch.optim.Adam(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay)
 
     def loss(self, model, batch):
-        old, side, new = batch
-        return losses.transformation(model(old, side), new)
+        old, side, new, y = batch
+        h = model.module if hasattr(model, "module") else model  # DDP wraps it; the head is called on the output
+        pred = model(old, side)
+        weight = self.opt.classification_weight if self.classifier is not None else 0.0
+        return losses.transformation(
+            pred, new, h.log_variance(pred) if self.arch.uncertainty else None,
+            pred @ self.classifier.to(pred.device).T if weight else None, y, weight, self.opt.label_smoothing,
+            self.opt.mu_uncertainty)
 
     def epoch_start(self, model, epoch):
         if epoch >= round((1 - self.opt.freeze_bn_fraction) * self.opt.epochs):
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm1d):
                     m.eval()
-
 
 def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))

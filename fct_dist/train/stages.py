@@ -24,7 +24,7 @@ from ..lake import LakeError
 from ..layout import BCT, FCT, FCT_NOSIDE, FEATURES, NEW, OLD, SIDE
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
-from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask, read_features
+from .loop import BctTask, ClassifierTask, Labels, SimCLRTask, Task, TransformationTask, read_features
 from .trainer import fit
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,38 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
     columns = f.columns if use_side else {r: c for r, c in f.columns.items() if r != "side"}
     dims = {"old": f.dims["old"], "side": f.dims["side"] if use_side else 0, "new": f.dims["new"]}
     t = cfg.models.transformation
-    arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side)
-    key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key)
-    task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch)
+    arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side, t.uncertainty)
+    classifier, labels, fc_version = new_classifier(cfg, store, f, features)
+    key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key,
+                 fc_version)
+    task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch,
+                              classifier=classifier, labels=labels)
     meta = {"kind": "transformation", "arch": arch, "dims": dims, "uses_side_info": use_side,
-            "producers": {r: f.versions.get(r) for r in ("old", "side", "new")}, "features": store.uri(f.train)}
+            "producers": {r: f.versions.get(r) for r in ("old", "side", "new")}, "features": store.uri(f.train),
+            "classifier": fc_version}
     return _run(cfg, store, name, key, task, meta, force,
                 lambda m: (m, transformation_error(m, store, f.test, columns, dims)))
+
+
+def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None) -> tuple[torch.Tensor | None, Labels | None,
+                                                                                      str | None]:
+    """(weight, labels, version) of the frozen new classifier for FastFill's classification term, or Nones
+    (MSE only) when its weight is 0, there is no new classifier of the features' new version, or no labels."""
+    if not cfg.train.transformation.classification_weight:
+        return None, None, None
+    meta = registry.read_meta(store, NEW) if registry.exists(store, NEW) else {}
+    if meta.get("kind") != "classifier" or f.versions.get("new") not in (None, meta["version"]):
+        log.warning("[h] no classifier of the new model that made %s: training by MSE only", store.uri(f.train))
+        return None, None, None
+    if uri is None:
+        labels = Labels(layout.images(store, "train"), "id", "label", meta["classes"])
+    elif lake.read_schema(store, lake.parts(store, f.train)[0]).get_field_index(cfg.columns.label) >= 0:
+        labels = Labels(f.train, f.columns["id"], cfg.columns.label, meta["classes"])
+    else:
+        log.warning("[h] %s has no label column %r: training by MSE only", store.uri(f.train), cfg.columns.label)
+        return None, None, None
+    module, _ = registry.load(store, NEW, {"kind": "classifier"})
+    return module.fc.weight.detach().clone(), labels, meta["version"]
 
 
 @torch.no_grad()
