@@ -64,6 +64,11 @@ def _backfill(cfg: Config, store: Store, a) -> None:
     backfill.backfill(cfg, store, a.model, a.split, a.input, a.output)
 
 
+def _refill(cfg: Config, store: Store, a) -> None:
+    from .pipeline import refill
+    refill.refill(cfg, store, a.budget, a.split, a.input, a.output)
+
+
 def _index(cfg: Config, store: Store, a) -> None:
     from .pipeline import index
     index.build(cfg, store, a.lake, a.split, a.column, a.input, a.output)
@@ -158,6 +163,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input", metavar="URI", help="stored lake (default: embeddings/stored/SPLIT under storage.root)")
     s.add_argument("--output", metavar="URI", help="new lake (default: embeddings/MODEL/SPLIT under storage.root; "
                    "rejected rows then go to URI.rejected)")
+    s = cmd("refill", _refill, "re-extract the budget of the backfilled gallery h is least sure of (FastFill)")
+    s.add_argument("--budget", type=float, metavar="F", help="fraction of the gallery to re-extract, 0..1 "
+                   "(default: refill.budget)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--input", metavar="URI", help="backfilled gallery with an uncertainty column (default: "
+                   "embeddings/fct/SPLIT under storage.root)")
+    s.add_argument("--output", metavar="URI", help="gallery lake to write (default: embeddings/refill/SPLIT)")
     s = cmd("index", _index, "build a sharded FAISS index from an embedding lake")
     s.add_argument("--lake", default="fct")
     s.add_argument("--split", default="test")

@@ -15,15 +15,15 @@ import torch
 
 from . import lake, layout
 from .config import Config
-from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE, STORED
-from .pipeline import index
+from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED
+from .pipeline import index, refill
 from .storage import Store
 
 log = logging.getLogger(__name__)
 
 # The gallery / query sources of the matrix: model name -> (embedding lake, column).
 SOURCES = {OLD: (STORED, "old"), SIDE: (STORED, "side"), NEW: (NEW, "emb"), BCT: (BCT, "emb"),
-           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb")}
+           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb"), REFILL: (REFILL, "emb")}
 CASES = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old"),
          ("bct", "bct"), ("new", "old"), ("side", "side")]
 LABELS = {"old": "old", "new": "new", "fct": "FCT (with side-info)", "fct-noside": "FCT (no side-info)",
@@ -169,6 +169,71 @@ def index_recall(cfg: Config, store: Store, name: str, split: str, column: str =
     return index.recall(index.exact_knn(store, files, column, d, q, k), index.search_shards(shards, q, k, cfg.index.nprobe)[1])
 
 
+ORDERS = ("uncertainty", "random", "oracle")  # FastFill's order, and its two references
+
+
+def backfill_orders(ids: np.ndarray, h: np.ndarray, new: np.ndarray, uncertainty: np.ndarray | None,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Gallery positions in the order each strategy re-extracts them: by descending uncertainty (ties by
+    id, as `fct refill` selects), at random, and the oracle's (descending true error |h - new|, which
+    needs the new model's features: evaluation only)."""
+    out = {"random": np.random.default_rng(seed).permutation(len(ids)),
+           "oracle": np.lexsort((ids, -np.linalg.norm(h - new, axis=1)))}
+    if uncertainty is not None:
+        a, b = refill.keys(ids, uncertainty)
+        out["uncertainty"] = np.lexsort((b, a))
+    return {o: out[o] for o in ORDERS if o in out}
+
+
+def mixed_gallery(h: np.ndarray, new: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+    """The gallery with its first `count` items in `order` re-extracted (new) and the rest h's."""
+    g = h.copy()
+    g[order[:count]] = new[order[:count]]
+    return g
+
+
+def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None = None) -> dict:
+    """FastFill's backfill curve: new-model queries (eval.curve_queries, a seeded sample) against the
+    backfilled gallery with 0 .. 100 % of it re-extracted in each order; top-1 and mAP per point and
+    their AUC (the mean over the points, as FastFill reports it). With `fct refill`'s lake present, the
+    same queries against it too."""
+    split = cfg.eval.split
+    truth = split_labels(store, split)
+    sources = sources or {m: load_source(store, m, split, truth) for m in (NEW, FCT)}
+    (ids, new, labels), (h_ids, h, _) = sources[NEW], sources[FCT]
+    if not np.array_equal(ids, h_ids):
+        raise lake.LakeError(f"the {NEW} and {FCT} galleries of {split} hold different ids: no curve")
+    fct_dir = layout.embeddings(store, FCT, split)
+    has_s = cfg.columns.uncertainty in store.manifest(fct_dir).get("producer", {})
+    s = (lake.read_lake(store, fct_dir, {"id": pa.int64()}, columns=["id", cfg.columns.uncertainty]).sort_by("id")
+         [cfg.columns.uncertainty].to_numpy() if has_s else None)
+    nq = len(ids) if cfg.eval.curve_queries is None else min(cfg.eval.curve_queries, len(ids))
+    q = np.sort(np.random.default_rng(1).choice(len(ids), nq, replace=False))
+    fractions = np.linspace(0.0, 1.0, cfg.eval.curve_points)
+
+    def score(g: np.ndarray) -> dict:
+        r = exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
+        return {"top1": r["cmc"][0], "map": r["map"]}
+
+    ends = {0.0: score(h), 1.0: score(new)}  # the same in every order
+    curves = {}
+    for name, order in backfill_orders(ids, h, new, s).items():
+        points = [ends[f] if f in ends else score(mixed_gallery(h, new, order, round(f * len(ids)))) for f in fractions]
+        curves[name] = {m: [p[m] for p in points] for m in ("top1", "map")}
+        curves[name] |= {f"auc_{m}": float(np.mean(curves[name][m])) for m in ("top1", "map")}
+        log.info("backfill curve (%s order): AUC top-1 %.2f %%, mAP %.2f %%", name, 100 * curves[name]["auc_top1"],
+                 100 * curves[name]["auc_map"])
+    out = {"fractions": fractions.tolist(), "queries": nq, "gallery": len(ids), "curves": curves}
+    refilled = layout.embeddings(store, REFILL, split)
+    if store.has_manifest(refilled):
+        r_ids, r, _ = load_source(store, REFILL, split, truth)
+        if np.array_equal(r_ids, ids):
+            m = store.manifest(refilled)
+            out["refill"] = score(r) | {"budget": m["producer"]["emb"]["budget"],
+                                        "reextracted": m["summary"]["true_rows"]["reextracted"]}
+    return out
+
+
 def format_table(cases: list[dict]) -> str:
     lines = ["| case (query / gallery) | top-1 % | top-5 % | mAP % |", "|---|---|---|---|"]
     for c in cases:
@@ -190,6 +255,8 @@ def matrix(cfg: Config, store: Store) -> dict:
     out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
            "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
            "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
+    if NEW in present and FCT in present:
+        out["backfill_curve"] = backfill_curve(cfg, store, sources)  # new/fct is a case: both are loaded
     log.info("%s", format_table(cases))
     for g, v in out["gap_closed"].items():
         if v:

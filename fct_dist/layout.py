@@ -23,6 +23,7 @@ FCT, FCT_NOSIDE = "fct", "fct-noside"  # the transformation h, with and without 
 # Embedding lakes that no single model names.
 STORED = "stored"  # id, old, side: what was kept at old-model time, the backfill's input
 FEATURES = "features"  # id, old, side, new: the transformation's training data
+REFILL = "refill"  # id, emb, uncertainty, reextracted: the backfilled gallery with its least sure part re-extracted
 
 SPLITS = ("train", "test")
 

@@ -15,7 +15,7 @@ from . import datasets, evaluate, layout, report, search
 from .config import Config
 from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from .models import registry
-from .pipeline import backfill, extract, index
+from .pipeline import backfill, extract, index, refill
 from .runtime import init_ray
 from .storage import Store
 from .train import stages
@@ -62,6 +62,9 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     step(f"re-extract {split} with the new model (the baseline a backfill avoids)", extract.reextract, cfg, store,
          NEW, split)
     step(f"re-extract {split} with BCT's model", extract.reextract, cfg, store, BCT, split)
+    if cfg.models.transformation.uncertainty:
+        step(f"refill {split}: re-extract the {cfg.refill.budget:.0%} h is least sure of", refill.refill, cfg, store,
+             split=split)
     idx = step("index the upgraded lake", index.build, cfg, store, FCT, split)
     for name, column in evaluate.searched_galleries(cfg, store):
         if name != FCT:

@@ -32,7 +32,7 @@ from fct_dist.storage import open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .support import all_ids, kill_session, processes
+from .support import all_ids, kill_session, processes, wait_for_files
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -82,14 +82,6 @@ def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
     proxy.stop()
     t.faults += proxy.faults
     print(f"[chaos] index on S3: {built['rows']:,} rows; proxy: {proxy.requests} requests, faults {proxy.counts}")
-
-
-def wait_for_files(store, out: str, n: int, alive, seconds: float = 120) -> int:
-    """Wait until `out` holds n output files (while `alive()`); the count seen."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and alive() and len(store.list(out, ".parquet")) < n:
-        time.sleep(0.1)
-    return len(store.list(out, ".parquet"))
 
 
 def landed_mid_run(what: str, done: int, files: int, store, out: str) -> None:

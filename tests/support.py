@@ -3,6 +3,7 @@ stores, stored lakes written by hand, outputs read back, h applied in plain torc
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -153,3 +154,11 @@ def registered_epoch(checkpoints: Path) -> int:
             continue
         epoch = max(epoch, latest.get("metrics", {}).get("epoch", 0))
     return epoch
+
+
+def wait_for_files(store, out: str, n: int, alive, seconds: float = 120) -> int:
+    """Wait until `out` holds n output files (while `alive()`); the count seen."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and alive() and len(store.list(out, ".parquet")) < n:
+        time.sleep(0.1)
+    return len(store.list(out, ".parquet"))
