@@ -208,7 +208,7 @@ def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None) -> t
     if not cfg.train.transformation.classification_weight:
         return None, None, None
     meta = registry.read_meta(store, NEW) if registry.exists(store, NEW) else {}
-    if meta.get("kind") != "classifier" or f.versions.get("new") not in (None, meta["version"]):
+    if meta.get("kind") != "classifier" or f.versions.get("new") != meta["version"]:
         log.warning("[h] no classifier of the new model that made %s: training by MSE only", store.uri(f.train))
         return None, None, None
     if uri is None:
