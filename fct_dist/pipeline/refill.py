@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -105,13 +106,26 @@ def selected(ids: np.ndarray, uncertainty: np.ndarray, t: Threshold) -> np.ndarr
 
 class RefillFn:
     """Selects a batch's rows by the threshold, reads their images by id from the image lake and embeds
-    them with the new model; every other row keeps h's embedding."""
+    them with the new model; every other row keeps h's embedding. Each image file's id range is read
+    once (its footer): a batch opens only the files whose range holds one of its ids, and within them
+    Parquet's row-group statistics skip the rest."""
 
     def __init__(self, store: Store, t: Threshold, images: str, image_files: list[str], cols: Columns,
                  precision: str):
         self.store, self.t, self.cols, self.images = store, t, cols, images
-        self.files = ds.dataset(image_files, format="parquet", filesystem=store.fs)
+        with ThreadPoolExecutor(16) as pool:
+            footers = list(pool.map(functools.partial(lake.read_footer, store), image_files))
+        unknown = (-(2**63), 2**63 - 1)  # a file without id statistics may hold any id
+        self.ranges = [(p, filemap.id_range(f, cols.id) or unknown) for p, f in zip(image_files, footers)]
         self.embed = ExtractFn(store, {cols.out: NEW}, precision, cols.image)
+
+    def images_of(self, ids: np.ndarray) -> pa.Table:
+        """(id, image) rows of these ids from the files whose id range can hold them."""
+        files = [p for p, (lo, hi) in self.ranges if ((ids >= lo) & (ids <= hi)).any()]
+        if not files:
+            return pa.table({self.cols.id: pa.array([], pa.int64()), self.cols.image: pa.array([], pa.binary())})
+        return ds.dataset(files, format="parquet", filesystem=self.store.fs).to_table(
+            columns=[self.cols.id, self.cols.image], filter=pc.field(self.cols.id).isin(pa.array(ids)))
 
     def __call__(self, rb: pa.RecordBatch):
         c = self.cols
@@ -120,7 +134,7 @@ class RefillFn:
         pick = selected(ids, s, self.t)
         invalid, reasons = np.zeros(len(ids), bool), []
         if pick.any():
-            found = self.files.to_table(columns=[c.id, c.image], filter=pc.field(c.id).isin(pa.array(ids[pick])))
+            found = self.images_of(ids[pick])
             order = np.argsort(found[c.id].to_numpy())
             got = found[c.id].to_numpy()[order]
             missing = np.setdiff1d(ids[pick], got)
