@@ -4,7 +4,6 @@ marked done that is not."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from fct_dist.storage import open_store
 from fct_dist.train import stages
 
 from .faultproxy import KINDS, FaultProxy
-from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output, registered_epoch
+from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output
 
 ROWS_PER_FILE, FILES = 3000, 40
 
@@ -64,47 +63,6 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
     assert 2 <= done_at_kill < FILES, "the kill did not land mid-run"
     assert not victim.is_running() and "a worker died while mapping" in caplog.text  # its files were retried
     exactly_once(store, out, stored)
-
-
-def test_killed_train_worker_resumes_from_the_last_checkpoint(trained, tmp_path):
-    """SIGKILL one Ray Train worker once a checkpoint is registered: the worker group restarts
-    (train.max_failures) and the loop continues from the last checkpoint, in the same run."""
-    root = tmp_path / "root"
-    store = open_store(Storage(root=str(root)))
-    copy_tree(trained[1], store, "images")
-    args = [sys.executable, "-m", "fct_dist.cli", "train-new", "-v", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", "train.new.epochs=6", "--set", "train.new.batch_size=8"]  # -v: Ray's own lines too
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(proc.stdout))
-    reader.start()
-    deadline = time.time() + 240
-    snapshots = root / "checkpoints"
-    registered = 0  # the last epoch whose checkpoint the Train controller has registered
-    while time.time() < deadline and not registered:
-        registered = registered_epoch(snapshots)
-        time.sleep(0.1)
-    assert 1 <= registered < 6, f"no checkpoint registered before the kill ({registered})"
-    workers = processes("RayTrainWorker", psutil.Process(proc.pid))
-    assert workers, "no Ray Train worker found to kill"
-    workers[0].send_signal(signal.SIGKILL)
-    try:
-        proc.wait(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join()
-    text = "".join(log)
-    assert proc.returncode == 0, text[-3000:]
-    assert "[FailurePolicy] RETRY" in text, text[-3000:]  # the controller restarted the worker group
-    epochs: dict[int, set[int]] = {}  # worker pid -> epochs it trained
-    for epoch, pid in re.findall(r"\[new\] epoch (\d+)/6 .*? \[worker pid (\d+)\]", text):
-        epochs.setdefault(int(pid), set()).add(int(epoch))
-    restarted = {pid: e for pid, e in epochs.items() if pid not in {w.pid for w in workers}}
-    assert restarted, epochs
-    assert all(min(e) > registered for e in restarted.values()), (registered, epochs)
-    assert 6 in set().union(*restarted.values()), epochs
-    assert [h["epoch"] for h in registry.read_meta(store, "new")["metrics"]["history"]] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.fixture
