@@ -1,4 +1,4 @@
-"""Faults survived: lost actors and Train workers, S3 throttling/resets/stalls, a permanently failing
+"""Faults survived: lost actors, S3 throttling/resets/stalls, a permanently failing
 object, a full disk and a denied directory. Each run ends exactly once or fails clearly, with nothing
 marked done that is not."""
 from __future__ import annotations
