@@ -9,7 +9,7 @@ from fct_dist.models import registry
 
 def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     cfg, store, report_dir = trained
-    for artefact in ("report.md", "metrics.json", "cmc.png", "search.png"):
+    for artefact in ("report.md", "metrics.json", "cmc.png", "search.png", "backfill.png"):
         assert store.exists(f"{report_dir}/{artefact}")
     metrics = store.read_json(f"{report_dir}/metrics.json")
     steps = metrics["runs"][0]["steps"]
@@ -20,7 +20,7 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     for model in ("old", "side", "new", "bct", "fct", "fct-noside"):
         assert registry.exists(store, model)
     for name, split in (("stored", "test"), ("features", "train"), ("features", "test"), ("fct", "test"),
-                        ("fct-noside", "test"), ("new", "test"), ("bct", "test")):
+                        ("fct-noside", "test"), ("new", "test"), ("bct", "test"), ("refill", "test")):
         assert store.has_manifest(layout.embeddings(store, name, split)), name
     assert metrics["runs"][0]["evaluation"]["index_recall_at_10"]["fct"] > 0.9
     labels = [c["label"] for c in metrics["cases"]]
@@ -28,6 +28,7 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
                       "BCT-new / old", "BCT-new / BCT-new", "new / old", "side-info / side-info"]
     report = store.read_bytes(f"{report_dir}/report.md").decode()
     assert "| new / FCT (with side-info) |" in report and "## Goals" in report and "![search](search.png)" in report
+    assert "## Partial re-extraction (FastFill)" in report and "| uncertainty |" in report
 
 
 def test_search_names_ids_not_in_the_split_and_draws_the_answers(trained, tmp_path, capsys):
