@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_every_artefact_loads_back(trained, name, kind):
     epochs = {"old": cfg.train.old, "side": cfg.train.side, "new": cfg.train.new, "bct": cfg.train.bct,
               "fct": cfg.train.transformation, "fct-noside": cfg.train.transformation}[name].epochs
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-    assert all(h["loss"] > 0 for h in history)
+    assert all(np.isfinite(h["loss"]) for h in history)  # FastFill's loss (mu s) may be negative
     assert sum(p.numel() for p in module.parameters()) == meta["params"]
 
 
