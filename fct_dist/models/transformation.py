@@ -42,5 +42,7 @@ class Transformation(nn.Module):
         return self.mix(torch.cat([self.old(old), self.side(s)], dim=1))
 
     def log_variance(self, emb: torch.Tensor) -> torch.Tensor:
-        """FastFill's uncertainty of each output (B, new_dim) -> (B,): high = re-extract it first."""
-        return self.log_var(emb).squeeze(1)
+        """FastFill's uncertainty of each output (B, new_dim) -> (B,): high = re-extract it first. The
+        output is detached: the mu*s term trains the head, never pulls h's output (with targets of small
+        variance it outweighed the error term and h fit worse than the mean)."""
+        return self.log_var(emb.detach()).squeeze(1)
