@@ -31,7 +31,10 @@ def test_every_artefact_loads_back(trained, name, kind):
     epochs = {"old": cfg.train.old, "side": cfg.train.side, "new": cfg.train.new, "bct": cfg.train.bct,
               "fct": cfg.train.transformation, "fct-noside": cfg.train.transformation}[name].epochs
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-    assert all(np.isfinite(h["loss"]) for h in history)  # FastFill's loss (mu s) may be negative
+    if kind == "transformation":  # FastFill's loss has a mu*s term: negative once s < 0, but never NaN/inf
+        assert all(np.isfinite(h["loss"]) for h in history)
+    else:
+        assert all(h["loss"] > 0 for h in history)
     assert sum(p.numel() for p in module.parameters()) == meta["params"]
 
 
