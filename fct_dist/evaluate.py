@@ -192,13 +192,14 @@ def mixed_gallery(h: np.ndarray, new: np.ndarray, order: np.ndarray, count: int)
     return g
 
 
-def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None = None) -> dict:
+def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None = None,
+                   truth: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """FastFill's backfill curve: new-model queries (eval.curve_queries, a seeded sample) against the
     backfilled gallery with 0 .. 100 % of it re-extracted in each order; top-1 and mAP per point and
     their AUC (the mean over the points, as FastFill reports it). With `fct refill`'s lake present, the
     same queries against it too."""
     split = cfg.eval.split
-    truth = split_labels(store, split)
+    truth = truth or split_labels(store, split)
     sources = sources or {m: load_source(store, m, split, truth) for m in (NEW, FCT)}
     (ids, new, labels), (h_ids, h, _) = sources[NEW], sources[FCT]
     if not np.array_equal(ids, h_ids):
@@ -256,7 +257,7 @@ def matrix(cfg: Config, store: Store) -> dict:
            "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
            "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
     if NEW in present and FCT in present:
-        out["backfill_curve"] = backfill_curve(cfg, store, sources)  # new/fct is a case: both are loaded
+        out["backfill_curve"] = backfill_curve(cfg, store, sources, truth)  # new/fct is a case: both are loaded
     log.info("%s", format_table(cases))
     for g, v in out["gap_closed"].items():
         if v:

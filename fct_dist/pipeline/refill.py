@@ -80,7 +80,8 @@ def threshold(cfg: Config, store: Store, paths: list[str], k: int) -> Threshold:
     """The key of the k-th row in re-extraction order (radix select over the files; see the module)."""
     if k == 0:
         return None
-    groups = [paths[i::max(1, min(len(paths), 64))] for i in range(max(1, min(len(paths), 64)))]
+    n = min(len(paths), 64)  # tasks per pass: at most 64 histograms reach the driver, whatever the lake's size
+    groups = [paths[i::n] for i in range(n)]
     prefix, need = [], k
     for level in range(DIGITS):
         h = sum(map_groups(cfg, cfg.extract, functools.partial(histogram, store, cols=cfg.columns, prefix=prefix), groups))
