@@ -1,0 +1,74 @@
+"""How does a transformation setting change quality? h trained with `--set` overrides on the demo's
+features (a copy of the models, images and features of a finished `make demo` root, so that root is
+untouched), then new/FCT top-1 and mAP over all test queries and the backfill curve's AUC per order
+(eval.curve_queries queries), printed as one JSON line.
+
+    .venv/bin/python tools/transformation_sweep.py w003 train.transformation.classification_weight=0.03 \\
+        [--root ./fct-data] [--work /tmp/sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from fct_dist import config, evaluate
+from fct_dist.models import registry
+from fct_dist.runtime import init_ray
+from fct_dist.storage import open_store
+from fct_dist.train import stages
+from fct_dist.train.loop import read_features
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("name")
+    p.add_argument("sets", nargs="*", help="config overrides, key=value")
+    p.add_argument("--root", default="./fct-data", help="a root `make demo` finished in")
+    p.add_argument("--work", default="/tmp/sweep", help="where each variant's copy lives")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    root = f"{a.work}/{a.name}"
+    if not os.path.exists(root):
+        for part in ("models", "images", "embeddings/features"):
+            shutil.copytree(f"{a.root}/{part}", f"{root}/{part}")
+        for m in ("fct", "fct-noside"):
+            shutil.rmtree(f"{root}/models/{m}", ignore_errors=True)
+    cfg = config.load("config.yaml", [f"storage.root={root}", *a.sets])
+    store = open_store(cfg.storage)
+    init_ray(cfg)
+    t0 = time.time()
+    stages.train_transformation(cfg, store)
+    seconds = time.time() - t0
+    f = stages.features_lake(cfg, store)
+    x = read_features(store, f.test, f.columns, f.dims, with_ids=True)
+    h, _ = registry.load(store, "fct")
+    with torch.no_grad():
+        g = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096]) for i in range(0, len(x["old"]), 4096)])
+        s = h.log_variance(g).numpy() if h.log_var is not None else None
+    ids, new, g = x["id"].numpy(), x["new"].numpy(), g.numpy()
+    truth = evaluate.split_labels(store, "test")
+    labels = truth[1][np.searchsorted(truth[0], ids)]
+
+    def rank(gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
+        r = evaluate.exact_ranking(new[q], labels[q], ids[q], gallery, labels, ids, 1, cfg.eval.block_size)
+        return r["cmc"][0], r["map"]
+
+    out = {"name": a.name, "sets": a.sets, "train_seconds": round(seconds), "new_fct_top1_map": rank(g)}
+    q = np.sort(np.random.default_rng(1).choice(len(ids), min(cfg.eval.curve_queries or len(ids), len(ids)),
+                                                replace=False))
+    for order_name, order in evaluate.backfill_orders(ids, g, new, s).items():
+        points = [rank(evaluate.mixed_gallery(g, new, order, round(fr * len(ids))), q)
+                  for fr in np.linspace(0, 1, cfg.eval.curve_points)]
+        out[f"auc_{order_name}_top1_map"] = [float(np.mean([p[0] for p in points])), float(np.mean([p[1] for p in points]))]
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
