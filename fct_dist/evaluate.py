@@ -55,10 +55,11 @@ def exact_ranking(q: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g: np.
             match[[r for r, _ in rows], -1] = False
         n_pos = match.sum(1)
         valid = n_pos > 0
-        rank = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
-        precision = match.cumsum(1, dtype=torch.float64) / rank
-        ap = (precision * match).sum(1) / n_pos.clamp(min=1)
-        first = torch.where(match, rank, float("inf")).min(1).values  # rank of the first hit
+        # precision only where the hits are (a ~1/classes share of the row): int32 counts, float64 sums
+        r, c = match.nonzero(as_tuple=True)
+        hits_so_far = match.cumsum(1, dtype=torch.int32)[r, c].double()
+        ap = torch.zeros(len(lab), dtype=torch.float64).index_add_(0, r, hits_so_far / (c + 1)) / n_pos.clamp(min=1)
+        first = match.to(torch.uint8).argmax(1) + 1  # rank of the first hit (rows without one are not counted)
         ap_sum += float(ap[valid].sum())
         counted += int(valid.sum())
         for k in range(max_rank):
