@@ -175,6 +175,7 @@ class Columns:
     new: str = "new"
     out: str = "emb"
     uncertainty: str = "uncertainty"
+    keep: list[str] = field(default_factory=list)  # input columns the backfill copies unchanged into its output
 
 
 @dataclass

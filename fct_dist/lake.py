@@ -115,9 +115,16 @@ def vector_dim(t: pa.DataType) -> int | None:
 
 
 def producer_of(schema: pa.Schema) -> dict:
-    """The `fct` metadata a writer attached: {column: {model, version, dim}, ...}."""
+    """The `fct` metadata a writer attached: {column: {model, version, dim, [space, inputs]}, ...}."""
     raw = (schema.metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else {}
+
+
+def space_of(entry: dict) -> str | None:
+    """The model version whose embedding space a column is in: an extracted column's own model's; a
+    transformed one records the version h was trained towards as `space`, and its inputs' entries (their
+    lineage) as `inputs`."""
+    return entry.get("space", entry.get("version"))
 
 
 def embedding_table(ids: np.ndarray, vectors: dict[str, np.ndarray], producer: dict,

@@ -134,7 +134,7 @@ CASES = [
     Case("undecodable image", "fails naming the id", r"^error: .*id 1: image does not decode", bad_image),
     Case("undecodable image, quarantine", "1 row to rejected/", r"^ok: rows_in=3 rows_out=2 rows_rejected=1\b", bad_image, QUARANTINE),
     Case("lake from another model version", "fails naming column and versions",
-         r"^error: .*column 'old' was produced by model version 'other'",
+         r"^error: .*column 'old' holds embeddings of model version 'other'",
          lambda c: (c.stored({"part-00000.parquet": good(3)}, version="other"), run_backfill(c))[1]),
     Case("artefact with mismatched dims", "refused before use", r"^error: .*weights do not fit the recorded architecture",
          mismatched_artefact),

@@ -129,7 +129,7 @@ def test_wrong_dims_or_producer_fail_before_any_work(trained, local_cfg):
         backfill.backfill(cfg, store, "fct", input=store.uri(store.path("dims")))
     other = dict(meta, producers=dict(meta["producers"], side="0123456789abcdef"))
     write_stored(store, store.path("prod"), {"part-00000.parquet": {"ids": [1, 2]}}, other)
-    with pytest.raises(LakeError, match=r"column 'side' was produced by model version '0123456789abcdef'"):
+    with pytest.raises(LakeError, match=r"column 'side' holds embeddings of model version '0123456789abcdef'"):
         backfill.backfill(cfg, store, "fct", input=store.uri(store.path("prod")))
     out = store.path("embeddings", "fct", "test")
     assert not store.list(out, ".parquet") and not store.has_manifest(out)

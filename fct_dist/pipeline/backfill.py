@@ -27,13 +27,16 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 class TransformFn:
     """h on the actor's device; null, ragged (another length), NaN or inf vectors are invalid rows. An h
-    with an uncertainty head also writes each row's log-variance (columns.uncertainty)."""
+    with an uncertainty head also writes each row's log-variance (columns.uncertainty); the kept columns
+    (columns.keep, {column: dim}) are copied as they are."""
 
-    def __init__(self, store: Store, h_name: str, cols: Columns, precision: str):
+    def __init__(self, store: Store, h_name: str, cols: Columns, precision: str, kept: dict[str, int]):
         module, meta = registry.load(store, h_name, {"kind": "transformation"})
         self.h, self.device, self.dtype = place(module, precision)
-        self.cols, self.dims = cols, meta["dims"]
         self.inputs = {"old": cols.old} | ({"side": cols.side} if meta["arch"]["use_side"] else {})
+        self.kept = {c: next((r for r, v in self.inputs.items() if v == c), f"keep:{c}") for c in kept}  # column -> role
+        self.inputs |= {r: c for c, r in self.kept.items()}
+        self.cols, self.dims = cols, meta["dims"] | {self.kept[c]: d for c, d in kept.items()}
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
@@ -54,6 +57,7 @@ class TransformFn:
         cols = {self.cols.out: out.float().cpu().numpy()}
         if self.h.log_var is not None:
             cols[self.cols.uncertainty] = self.h.log_variance(out).float().cpu().numpy()
+        cols |= {c: x[r] for c, r in self.kept.items()}
         return invalid, [why[r] for r in np.flatnonzero(invalid).tolist()], cols
 
 
@@ -62,7 +66,10 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
     """The backfill of a stored lake (default embeddings/stored/{split}) by models/{h_name} into a new
     lake (default embeddings/{h_name}/{split}); `input` / `output` are URIs or paths on the store's
     storage, read and written with the `columns` names. A no-side transformation reads no side column.
-    Verified: a tampered or mismatching artefact fails here, before any worker starts."""
+    The output column records its lineage: the embedding space it is in (the version h was trained
+    towards) and its input columns' entries as the input lake records them (an input that was itself
+    backfilled carries its own). Verified: a tampered or mismatching artefact, or an input column in
+    another embedding space than h was trained on, fails here, before any worker starts."""
     cols = cfg.columns
     in_dir = store.resolve(input) if input else layout.embeddings(store, STORED, split)
     out_dir = store.resolve(output) if output else layout.embeddings(store, h_name, split)
@@ -70,18 +77,38 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
     if meta.get("kind") != "transformation":
         raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
     roles = {"old": cols.old} | ({"side": cols.side} if meta["arch"]["use_side"] else {})
+    in_prod, kept = input_lineage(store, in_dir, cols.keep)
     producer = {cols.out: {"model": h_name, "version": meta["version"], "dim": meta["dims"]["new"],
-                           "inputs": {r: meta["producers"][r] for r in roles}}}
+                           "space": meta["producers"].get("new"),
+                           "inputs": {r: in_prod.get(c, {"space": meta["producers"][r]}) for r, c in roles.items()}}}
     if meta["arch"].get("uncertainty"):
         producer[cols.uncertainty] = {"model": h_name, "version": meta["version"], "dim": 0,
                                       "what": "log-variance of the output (FastFill): higher = less sure"}
+    producer |= {c: in_prod.get(c, {}) | {"dim": d, "kept": "copied unchanged from the input lake"}
+                 for c, d in kept.items()}
+    read = {c: meta["dims"][r] for r, c in roles.items()} | kept
     return filemap.FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, h_name, split),
-        expected={cols.id: pa.int64()} | {c: meta["dims"][r] for r, c in roles.items()},
-        columns=[cols.id, *roles.values()],
-        make_fn=functools.partial(TransformFn, store, h_name, cols, cfg.backfill.precision), producer=producer,
+        expected={cols.id: pa.int64()} | read, columns=[cols.id, *read],
+        make_fn=functools.partial(TransformFn, store, h_name, cols, cfg.backfill.precision, kept), producer=producer,
         fingerprint=digest(producer, cfg.backfill.precision, cols.__dict__), actors=cfg.backfill, id_col=cols.id,
         name="backfill", expect_versions={c: meta["producers"][r] for r, c in roles.items()})
+
+
+def input_lineage(store: Store, in_dir: str, keep: list[str]) -> tuple[dict, dict[str, int]]:
+    """(the input lake's column entries as its first file records them, {kept column: dim}); a kept
+    column the lake does not hold is refused here, naming the lake and the column."""
+    try:
+        first = lake.parts(store, in_dir)[0]
+    except LakeError:
+        if keep:
+            raise
+        return {}, {}  # the engine names an empty or missing input itself
+    dims = lake.column_dims(store, in_dir, keep)
+    for c, d in dims.items():
+        if d is None:
+            raise LakeError(f"{store.uri(in_dir)}: no vector column {c!r} to keep (columns.keep)")
+    return lake.producer_of(lake.read_schema(store, first)), dims
 
 
 def backfill(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,

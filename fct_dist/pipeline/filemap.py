@@ -91,7 +91,7 @@ class FileJob:
     actors: Actors
     id_col: str = "id"
     name: str = "map"
-    expect_versions: dict = field(default_factory=dict)  # input column -> producer version it must carry
+    expect_versions: dict = field(default_factory=dict)  # input column -> the embedding space (version) it must be in
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,13 @@ def id_range(footer: lake.Footer, id_col: str) -> tuple[int, int] | None:
 
 
 def check_versions(schema: pa.Schema, expect: dict[str, str], where: str) -> None:
-    """Each input column must come from the model version the consumer was trained against."""
+    """Each input column must be in the embedding space (model version) the consumer was trained on: a
+    column extracted by that version, or transformed into its space (a chained upgrade's input)."""
     prod = lake.producer_of(schema)
     for col, version in expect.items():
-        got = prod.get(col, {}).get("version")
+        got = lake.space_of(prod.get(col, {}))
         if prod and version is not None and got != version:
-            raise LakeError(f"{where}: column {col!r} was produced by model version {got!r}; "
+            raise LakeError(f"{where}: column {col!r} holds embeddings of model version {got!r}; "
                             f"expected {version!r} (the version the transformation was trained on)")
 
 

@@ -180,7 +180,8 @@ def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", in
     images = layout.images(store, split)
     producer = {
         cols.out: {"model": REFILL, "version": digest(prod[cols.out]["version"], new_meta["version"], budget),
-                   "dim": prod[cols.out]["dim"], "inputs": {"h": prod[cols.out]["version"], "new": new_meta["version"]},
+                   "dim": prod[cols.out]["dim"], "space": new_meta["version"],
+                   "inputs": {"h": prod[cols.out]["version"], "new": new_meta["version"]},
                    "budget": budget, "rows_reextracted": k},
         cols.uncertainty: prod[cols.uncertainty],
         "reextracted": {"dim": 0, "type": "bool", "what": f"true: models/{NEW}'s embedding of the image; false: h's"}}

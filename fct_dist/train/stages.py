@@ -147,7 +147,7 @@ class Features:
     test: str
     columns: dict  # role (id, old, side, new) -> column name; no "side" when the lake has none
     dims: dict  # role -> dim
-    versions: dict  # role -> version of the model that produced it (None when the lake does not say)
+    versions: dict  # role -> the embedding space (model version) of its column (None when the lake does not say)
     key: str  # what the lake is (both splits' identities and the columns read)
 
 
@@ -170,7 +170,7 @@ def features_lake(cfg: Config, store: Store, uri: str | None = None) -> Features
     if dims["side"] is None:
         del roles["side"], dims["side"]
     prod = lake.producer_of(lake.read_schema(store, lake.parts(store, dirs[0])[0]))
-    versions = {r: prod.get(c, {}).get("version") for r, c in roles.items()}
+    versions = {r: lake.space_of(prod.get(c, {})) for r, c in roles.items()}
     key = digest([lake.identity(store, d) for d in dirs], roles, cols.id)
     return Features(*dirs, {"id": cols.id} | roles, dims, versions, key)
 
