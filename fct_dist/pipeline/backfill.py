@@ -30,10 +30,11 @@ class TransformFn:
     with an uncertainty head also writes each row's log-variance (columns.uncertainty); the kept columns
     (columns.keep, {column: dim}) are copied as they are."""
 
-    def __init__(self, store: Store, h_name: str, cols: Columns, precision: str, kept: dict[str, int]):
+    def __init__(self, store: Store, h_name: str, cols: Columns, precision: str, kept: dict[str, int] | None = None):
         module, meta = registry.load(store, h_name, {"kind": "transformation"})
         self.h, self.device, self.dtype = place(module, precision)
         self.inputs = {"old": cols.old} | ({"side": cols.side} if meta["arch"]["use_side"] else {})
+        kept = kept or {}
         self.kept = {c: next((r for r, v in self.inputs.items() if v == c), f"keep:{c}") for c in kept}  # column -> role
         self.inputs |= {r: c for c, r in self.kept.items()}
         self.cols, self.dims = cols, meta["dims"] | {self.kept[c]: d for c, d in kept.items()}
