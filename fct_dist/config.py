@@ -204,6 +204,13 @@ class Refill:
 
 
 @dataclass
+class Versions:
+    third: bool = False
+    new_classes: Optional[int] = num(None, 1)
+    strategy: Literal["auto", "chained", "direct"] = "auto"
+
+
+@dataclass
 class Projection:
     items: int = num(1_000_000_000, 1)
     gpus: list[int] = field(default_factory=lambda: [8, 64, 512])
@@ -262,6 +269,7 @@ class Config:
     index: Index = sub(Index)
     eval: Eval = sub(Eval)
     refill: Refill = sub(Refill)
+    versions: Versions = sub(Versions)
     bench: Bench = sub(Bench)
     ray: RayCfg = sub(RayCfg)
 

@@ -15,7 +15,7 @@ import torch
 
 from . import lake, layout
 from .config import Config
-from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED
+from .layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED, V3
 from .pipeline import index, refill
 from .storage import Store
 
@@ -23,11 +23,16 @@ log = logging.getLogger(__name__)
 
 # The gallery / query sources of the matrix: model name -> (embedding lake, column).
 SOURCES = {OLD: (STORED, "old"), SIDE: (STORED, "side"), NEW: (NEW, "emb"), BCT: (BCT, "emb"),
-           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb"), REFILL: (REFILL, "emb")}
+           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb"), REFILL: (REFILL, "emb"),
+           V3: (V3, "emb"), CHAINED: (CHAINED, "emb"), DIRECT: (DIRECT, "emb")}
+# With a third version the rows after side/side are v3 queries against each state the gallery went through.
 CASES = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old"),
-         ("bct", "bct"), ("new", "old"), ("side", "side")]
+         ("bct", "bct"), ("new", "old"), ("side", "side"),
+         (V3, V3), (V3, CHAINED), (V3, DIRECT), (V3, FCT), (V3, OLD)]
 LABELS = {"old": "old", "new": "new", "fct": "FCT (with side-info)", "fct-noside": "FCT (no side-info)",
-          "bct": "BCT-new", "side": "side-info"}
+          "bct": "BCT-new", "side": "side-info", V3: "v3", CHAINED: "FCT chained (v1 -> v2 -> v3)",
+          DIRECT: "FCT direct (v1 -> v3)"}
+STRATEGIES = {CHAINED: "chained", DIRECT: "direct"}
 
 
 def _pad(x: np.ndarray, d: int) -> np.ndarray:
@@ -139,13 +144,31 @@ def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str,
     return r
 
 
-def gap_closed(cases: list[dict], gallery: str) -> dict:
-    """(FCT - old/old) / (new/new - old/old) for top-1 and mAP."""
+def gap_closed(cases: list[dict], gallery: str, query: str = NEW) -> dict:
+    """(query/gallery - old/old) / (query/query - old/old) for top-1 and mAP: the share of the gap from the
+    old model to the query's model that a backfilled gallery closes."""
     by = {(c["query"], c["gallery"]): c for c in cases}
-    oo, nn, f = by.get(("old", "old")), by.get(("new", "new")), by.get(("new", gallery))
+    oo, nn, f = by.get(("old", "old")), by.get((query, query)), by.get((query, gallery))
     if not (oo and nn and f):
         return {}
     return {m: (f[m] - oo[m]) / (nn[m] - oo[m]) if nn[m] != oo[m] else None for m in ("top1", "top5", "map")}
+
+
+def second_upgrade(cfg: Config, cases: list[dict]) -> dict:
+    """The two ways to v3 side by side (share of the v1/v1 -> v3/v3 gap each closes) and the one served:
+    versions.strategy, or with `auto` the one that closes more of the top-1 gap (then of the mAP gap)."""
+    gaps = {s: gap_closed(cases, s, V3) for s in STRATEGIES}
+    if not all(g and g["top1"] is not None for g in gaps.values()):
+        return {}
+    if cfg.versions.strategy != "auto":
+        chosen = {v: k for k, v in STRATEGIES.items()}[cfg.versions.strategy]
+        why = f"versions.strategy={cfg.versions.strategy}"
+    else:
+        chosen = max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
+        other = next(s for s in gaps if s != chosen)
+        why = (f"it closes {100 * gaps[chosen]['top1']:.1f} % of the v1 -> v3 top-1 gap, {STRATEGIES[other]} "
+               f"{100 * gaps[other]['top1']:.1f} %")
+    return {"gap_closed": gaps, "strategy": STRATEGIES[chosen], "lake": chosen, "why": why}
 
 
 def searched_galleries(cfg: Config, store: Store) -> list[tuple[str, str]]:
@@ -257,12 +280,16 @@ def matrix(cfg: Config, store: Store) -> dict:
     out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
            "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
            "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
+    if {V3, CHAINED, DIRECT} <= present:
+        out["second_upgrade"] = second_upgrade(cfg, cases)
     if NEW in present and FCT in present:
         out["backfill_curve"] = backfill_curve(cfg, store, sources, truth)  # new/fct is a case: both are loaded
     log.info("%s", format_table(cases))
     for g, v in out["gap_closed"].items():
         if v:
             log.info("gap closed by %s: top-1 %.0f %%, mAP %.0f %%", LABELS[g], 100 * v["top1"], 100 * v["map"])
+    for g, v in out.get("second_upgrade", {}).get("gap_closed", {}).items():
+        log.info("v1 -> v3 gap closed by %s: top-1 %.0f %%, mAP %.0f %%", LABELS[g], 100 * v["top1"], 100 * v["map"])
     for name, r in out["index_recall_at_10"].items():
         log.info("index %s: recall@10 against exact search %.3f", name, r)
     return out

@@ -24,6 +24,10 @@ FCT, FCT_NOSIDE = "fct", "fct-noside"  # the transformation h, with and without 
 STORED = "stored"  # id, old, side: what was kept at old-model time, the backfill's input
 FEATURES = "features"  # id, old, side, new: the transformation's training data
 REFILL = "refill"  # id, emb, uncertainty, reextracted: the backfilled gallery with its least sure part re-extracted
+# A second upgrade, old (v1) -> new (v2) -> V3: its model, its two transformations and their features.
+V3 = "v3"
+CHAINED, DIRECT = "fct-v2-v3", "fct-v1-v3"  # h(v2 -> v3) applied to the upgraded lake; h(v1 -> v3) to the stored one
+FEATURES_V3 = "features-v3"  # id, old, side, new, v3: both transformations' training data
 
 SPLITS = ("train", "test")
 

@@ -55,9 +55,10 @@ def any_cfg(request, local_cfg, s3_cfg):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, ray_local):
-    """`fct upgrade` with the tiny preset, once per session: every artefact, lake, index and report."""
+    """`fct upgrade` with the tiny preset through three versions (old on 4 classes, new on 6, v3 on all 8),
+    once per session: every artefact, lake, index and report."""
     from fct_dist import upgrade
-    cfg = make_cfg(str(tmp_path_factory.mktemp("trained") / "root"))
+    cfg = make_cfg(str(tmp_path_factory.mktemp("trained") / "root"), "versions.third=true", "versions.new_classes=6")
     store = open_store(cfg.storage)
     report_dir = upgrade.upgrade(cfg, store)
     return cfg, store, report_dir

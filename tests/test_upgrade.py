@@ -25,7 +25,9 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     assert metrics["runs"][0]["evaluation"]["index_recall_at_10"]["fct"] > 0.9
     labels = [c["label"] for c in metrics["cases"]]
     assert labels == ["old / old", "new / new", "new / FCT (with side-info)", "new / FCT (no side-info)",
-                      "BCT-new / old", "BCT-new / BCT-new", "new / old", "side-info / side-info"]
+                      "BCT-new / old", "BCT-new / BCT-new", "new / old", "side-info / side-info", "v3 / v3",
+                      "v3 / FCT chained (v1 -> v2 -> v3)", "v3 / FCT direct (v1 -> v3)", "v3 / FCT (with side-info)",
+                      "v3 / old"]
     report = store.read_bytes(f"{report_dir}/report.md").decode()
     assert "| new / FCT (with side-info) |" in report and "## Goals" in report and "![search](search.png)" in report
     assert "## Partial re-extraction (FastFill)" in report and "| uncertainty |" in report

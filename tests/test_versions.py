@@ -7,15 +7,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import lake
+from fct_dist import lake, layout
 from fct_dist.lake import LakeError
+from fct_dist.layout import CHAINED, DIRECT, FCT, NEW, OLD, SIDE, V3
 from fct_dist.models import Transformation, TransformationConfig, registry
-from fct_dist.pipeline import backfill
+from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 
-from .support import id_lake
+from .support import copy_tree, id_lake
 
-V1, V2, V3, SIDE = "v1-0000000000000", "v2-0000000000000", "v3-0000000000000", "side-00000000000"
+VER1, VER2, VER3, VSIDE = "v1-0000000000000", "v2-0000000000000", "v3-0000000000000", "side-00000000000"
 DIMS = {"v1": 8, "v2": 8, "v3": 12, "side": 8}  # v1 and v2 of one dim: only the space tells them apart
 
 
@@ -25,10 +26,10 @@ def save_h(store, name: str, src: str, dst: str, seed: int) -> None:
     arch = TransformationConfig(old_dim=DIMS[src], side_dim=8, new_dim=DIMS[dst], branch=16, hidden=32)
     torch.manual_seed(seed)
     h = Transformation(arch).eval()
-    versions = {"v1": V1, "v2": V2, "v3": V3}
+    versions = {"v1": VER1, "v2": VER2, "v3": VER3}
     registry.save(store, name, h, {"kind": "transformation", "arch": arch, "metrics": {},
                                    "dims": {"old": DIMS[src], "side": 8, "new": DIMS[dst]},
-                                   "producers": {"old": versions[src], "side": SIDE, "new": versions[dst]}}, key=name)
+                                   "producers": {"old": versions[src], "side": VSIDE, "new": versions[dst]}}, key=name)
 
 
 def apply(store, name: str, old: np.ndarray, side: np.ndarray) -> np.ndarray:
@@ -49,7 +50,7 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     save_h(store, "h23", "v2", "v3", 1)
     save_h(store, "h13", "v1", "v3", 2)
     stored = store.path("embeddings", "stored", "test")  # v1 and side-info, as extracted at v1 time
-    meta = {"dims": {"old": 8, "side": 8}, "producers": {"old": V1, "side": SIDE}}
+    meta = {"dims": {"old": 8, "side": 8}, "producers": {"old": VER1, "side": VSIDE}}
     id_lake(store, stored, meta, files=3, rows_per_file=50)
     ids, old, side = rows(store, stored, "old", "side")
 
@@ -62,8 +63,8 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     np.testing.assert_allclose(emb2, apply(store, "h12", old, side), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(side2, side)  # copied, not recomputed
     prod = store.manifest(v2)["producer"]
-    assert prod["emb"]["space"] == V2 and prod["emb"]["inputs"]["old"]["version"] == V1
-    assert lake.space_of(prod["side"]) == SIDE and prod["side"]["kept"]
+    assert prod["emb"]["space"] == VER2 and prod["emb"]["inputs"]["old"]["version"] == VER1
+    assert lake.space_of(prod["side"]) == VSIDE and prod["side"]["kept"]
 
     # chained v2 -> v3: h23 on the transformed v2 vectors (their space is v2, though h12 made them)
     chained = store.path("embeddings", "chained", "test")
@@ -72,16 +73,16 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     _, emb3c = rows(store, chained, "emb")
     np.testing.assert_allclose(emb3c, apply(store, "h23", apply(store, "h12", old, side), side), rtol=1e-4, atol=1e-5)
     lineage = store.manifest(chained)["producer"]["emb"]
-    assert lineage["space"] == V3
-    assert [lineage["inputs"]["old"]["space"], lineage["inputs"]["old"]["inputs"]["old"]["version"]] == [V2, V1]
-    assert lake.space_of(lineage["inputs"]["side"]) == SIDE
+    assert lineage["space"] == VER3
+    assert [lineage["inputs"]["old"]["space"], lineage["inputs"]["old"]["inputs"]["old"]["version"]] == [VER2, VER1]
+    assert lake.space_of(lineage["inputs"]["side"]) == VSIDE
 
     # direct v1 -> v3: h13 on the original v1 vectors the stored lake kept
     direct = store.path("embeddings", "direct", "test")
     backfill.backfill(cfg, store, "h13", input=store.uri(stored), output=store.uri(direct))
     _, emb3d = rows(store, direct, "emb")
     np.testing.assert_allclose(emb3d, apply(store, "h13", old, side), rtol=1e-5, atol=1e-6)
-    assert store.manifest(direct)["producer"]["emb"]["inputs"]["old"]["version"] == V1
+    assert store.manifest(direct)["producer"]["emb"]["inputs"]["old"]["version"] == VER1
     assert np.abs(emb3c - emb3d).max() > 1e-2  # two strategies, two different lakes
 
     # an upgrade that already happened: a no-op that writes nothing
@@ -98,7 +99,7 @@ def test_an_input_in_another_embedding_space_fails_before_any_work(local_cfg):
     save_h(store, "h12", "v1", "v2", 0)
     save_h(store, "h23", "v2", "v3", 1)
     stored = store.path("embeddings", "stored", "test")
-    id_lake(store, stored, {"dims": {"old": 8, "side": 8}, "producers": {"old": V1, "side": SIDE}}, files=2,
+    id_lake(store, stored, {"dims": {"old": 8, "side": 8}, "producers": {"old": VER1, "side": VSIDE}}, files=2,
             rows_per_file=10)
     v2 = store.path("embeddings", "v2", "test")
     backfill.backfill(cfg, store, "h12", input=store.uri(stored), output=store.uri(v2))
@@ -108,6 +109,57 @@ def test_an_input_in_another_embedding_space_fails_before_any_work(local_cfg):
         backfill.backfill(local_cfg("backfill.distributor=local", "columns.keep=[side]"), store, "h12",
                           input=store.uri(v2), output=store.uri(out))
     # the stored lake's `old` is in v1's space: h23 (trained on v2) refuses it, naming both versions
-    with pytest.raises(LakeError, match=rf"column 'old' holds embeddings of model version '{V1}'; expected '{V2}'"):
+    with pytest.raises(LakeError, match=rf"column 'old' holds embeddings of model version '{VER1}'; expected '{VER2}'"):
         backfill.backfill(cfg, store, "h23", input=store.uri(stored), output=store.uri(out))
     assert not store.exists(out) or not store.list(out, ".parquet")
+
+
+def test_three_versions_end_to_end_local_and_s3(trained, s3_cfg):
+    """`fct upgrade` through v1 -> v2 -> v3 (the session's tiny run): nested classes, each v3 gallery's
+    lineage back to v1, its rows equal to the transformations applied in plain torch, both strategies
+    in the report; then the second upgrade again on a copy in S3, to the same lineage and vectors."""
+    cfg, store, report_dir = trained
+    meta = {m: registry.read_meta(store, m) for m in (OLD, SIDE, NEW, V3, FCT, CHAINED, DIRECT)}
+    assert set(meta[OLD]["classes"]) < set(meta[NEW]["classes"]) < set(meta[V3]["classes"])
+    assert len(meta[NEW]["classes"]) == 6 and len(meta[V3]["classes"]) == 8
+    assert meta[CHAINED]["producers"] == {"old": meta[NEW]["version"], "side": meta[SIDE]["version"],
+                                          "new": meta[V3]["version"]}
+    assert meta[DIRECT]["producers"]["old"] == meta[OLD]["version"]
+
+    def lineage(s, lake_name):
+        return s.manifest(layout.embeddings(s, lake_name, "test"))["producer"]["emb"]
+
+    chained, direct = lineage(store, CHAINED), lineage(store, DIRECT)
+    assert chained["version"] == meta[CHAINED]["version"] and chained["space"] == meta[V3]["version"]
+    first = chained["inputs"]["old"]  # the upgraded lake's column, with its own lineage
+    assert (first["model"], first["version"], first["space"]) == (FCT, meta[FCT]["version"], meta[NEW]["version"])
+    assert first["inputs"]["old"]["version"] == meta[OLD]["version"]
+    assert chained["inputs"]["side"]["version"] == meta[SIDE]["version"]  # kept from v1 time
+    assert direct["space"] == meta[V3]["version"] and direct["inputs"]["old"]["version"] == meta[OLD]["version"]
+
+    ids, old, side = rows(store, layout.embeddings(store, "stored", "test"), "old", "side")
+    got_c, got_d = (rows(store, layout.embeddings(store, n, "test"), "emb") for n in (CHAINED, DIRECT))
+    np.testing.assert_array_equal(got_c[0], ids)
+    np.testing.assert_allclose(got_c[1], apply(store, CHAINED, apply(store, FCT, old, side), side), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_d[1], apply(store, DIRECT, old, side), rtol=1e-4, atol=1e-5)
+    assert np.abs(got_c[1] - got_d[1]).max() > 1e-3
+
+    m = store.read_json(f"{report_dir}/metrics.json")
+    served = m["runs"][0]["evaluation"]["second_upgrade"]
+    gaps = served["gap_closed"]
+    better = max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
+    assert served["lake"] == better and index.current(cfg, store, better, "test") is not None
+    report = store.read_bytes(f"{report_dir}/report.md").decode()
+    assert "## Repeated upgrades" in report and "| chained |" in report and "| direct |" in report
+
+    s3 = s3_cfg("backfill.distributor=local")
+    remote = open_store(s3.storage)
+    copy_tree(store, remote, "models")
+    for name in ("stored", FCT):
+        copy_tree(store, remote, "embeddings", name, "test")
+    backfill.chained(s3, remote, "test")
+    backfill.backfill(s3, remote, DIRECT, "test")
+    for name in (CHAINED, DIRECT):
+        assert lineage(remote, name) == lineage(store, name)
+        np.testing.assert_array_equal(rows(remote, layout.embeddings(remote, name, "test"), "emb")[1],
+                                      rows(store, layout.embeddings(store, name, "test"), "emb")[1])

@@ -3,6 +3,7 @@
 No image is read. See filemap.py for the exactly-once design."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -13,7 +14,7 @@ import torch
 from .. import lake, layout
 from ..config import Columns, Config, digest
 from ..lake import LakeError
-from ..layout import FCT, STORED
+from ..layout import CHAINED, FCT, STORED
 from ..models import registry
 from ..storage import Store
 from . import filemap
@@ -94,6 +95,13 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
         make_fn=functools.partial(TransformFn, store, h_name, cols, cfg.backfill.precision, kept), producer=producer,
         fingerprint=digest(producer, cfg.backfill.precision, cols.__dict__), actors=cfg.backfill, id_col=cols.id,
         name="backfill", expect_versions={c: meta["producers"][r] for r, c in roles.items()})
+
+
+def chained(cfg: Config, store: Store, split: str = "test") -> dict:
+    """The second upgrade's chained strategy: h(v2 -> v3) on the upgraded lake, whose `emb` is in v2's
+    space and which kept the side-info (columns.keep); the direct one is a plain backfill by h(v1 -> v3)."""
+    c = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, old=cfg.columns.out, keep=[]))
+    return backfill(c, store, CHAINED, split, input=store.uri(layout.embeddings(store, FCT, split)))
 
 
 def input_lineage(store: Store, in_dir: str, keep: list[str]) -> tuple[dict, dict[str, int]]:

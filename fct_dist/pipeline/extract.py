@@ -12,7 +12,7 @@ from .. import lake, layout
 from ..config import Columns, Config, digest
 from ..datasets import folder
 from ..lake import LakeError
-from ..layout import FEATURES, NEW, OLD, SIDE, STORED
+from ..layout import FEATURES, FEATURES_V3, NEW, OLD, SIDE, STORED, V3
 from ..models import registry
 from ..storage import Store
 from . import filemap
@@ -92,6 +92,11 @@ def stored(cfg: Config, store: Store, split: str = "test") -> dict:
 def features(cfg: Config, store: Store, split: str) -> dict:
     """The transformation's training features: id, old, side, new."""
     return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW}, FEATURES)
+
+
+def features_v3(cfg: Config, store: Store, split: str) -> dict:
+    """The second upgrade's training features: id, old (v1), side, new (v2), v3."""
+    return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW, "v3": V3}, FEATURES_V3)
 
 
 def reextract(cfg: Config, store: Store, model: str, split: str = "test") -> dict:

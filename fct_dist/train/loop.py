@@ -131,10 +131,11 @@ class Labels:
     id_col: str
     label_col: str
     classes: list[int]
+    ignore_unknown: bool = False  # a class the classifier lacks: -100 (cross_entropy's ignore_index), not an error
 
     def targets(self, store: Store, ids: np.ndarray) -> np.ndarray:
-        """The classifier index of each id's label; an id without a label, or of a class the classifier
-        lacks, is an error naming it."""
+        """The classifier index of each id's label; an id without a label is an error naming it, and so is
+        one of a class the classifier lacks unless `ignore_unknown`."""
         t = lake.read_lake(store, self.directory, {self.id_col: pa.int64()}, columns=[self.id_col, self.label_col],
                            id_col=self.id_col).sort_by(self.id_col)
         known, labels = t[self.id_col].to_numpy(), t[self.label_col].to_numpy()
@@ -145,6 +146,8 @@ class Labels:
                                  f"({int(missing.sum())} feature rows without a label)")
         classes = np.asarray(self.classes)
         idx = np.searchsorted(classes, labels[pos]).clip(max=len(classes) - 1)
+        if self.ignore_unknown:
+            return np.where(classes[idx] == labels[pos], idx, -100).astype(np.int64)
         if (classes[idx] != labels[pos]).any():
             bad = int(np.flatnonzero(classes[idx] != labels[pos])[0])
             raise lake.LakeError(f"{store.uri(self.directory)}: id {int(ids[bad])} has label {int(labels[pos][bad])}, "

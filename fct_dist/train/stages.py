@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from .. import lake, layout
-from ..config import Columns, Config, digest
+from ..config import Columns, Config, ConfigError, digest
 from ..datasets import old_classes
 from ..lake import LakeError
-from ..layout import BCT, FCT, FCT_NOSIDE, FEATURES, NEW, OLD, SIDE
+from ..layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, FEATURES, FEATURES_V3, NEW, OLD, SIDE, V3
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
 from .loop import BctTask, ClassifierTask, Labels, SimCLRTask, Task, TransformationTask, read_features
@@ -38,6 +38,20 @@ def classes_of(cfg: Config, store: Store) -> tuple[list[int], list[int]]:
     """(all labels of the image lake, the old classes drawn from them)."""
     labels = lake.image_manifest(store, "train")["labels"]
     return labels, old_classes(labels, cfg.data.num_old_classes, cfg.data.old_classes_seed)
+
+
+def classes_of_model(cfg: Config, store: Store, name: str) -> list[int]:
+    """The classes a model is trained on: the old ones (v1), versions.new_classes drawn the same way for
+    the new model and BCT (the same draw, so a superset of the old ones), all of them for v3."""
+    labels, old = classes_of(cfg, store)
+    if name in (OLD, SIDE):
+        return old
+    k = cfg.versions.new_classes
+    if name == V3 or k is None:
+        return labels
+    if k < cfg.data.num_old_classes:
+        raise ConfigError(f"versions.new_classes={k}: expected at least data.num_old_classes={cfg.data.num_old_classes}")
+    return old_classes(labels, k, cfg.data.old_classes_seed)
 
 
 def backbone_arch(cfg_model, store: Store, emb_dim: int | None = None) -> ResNetConfig:
@@ -114,10 +128,12 @@ def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, 
     return classes, torch.from_numpy(np.stack([x[y == c].mean(0) for c in classes])), meta
 
 
-def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False) -> dict:
-    """The new model on all classes; with `bct`, BCT's baseline (old dim + old classifier's influence)."""
-    labels, _ = classes_of(cfg, store)
-    name, opt = (BCT, cfg.train.bct) if bct else (NEW, cfg.train.new)
+def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False, name: str = NEW) -> dict:
+    """The new model (or, with name=V3, the version after it) on its classes; with `bct`, BCT's baseline
+    (old dim + old classifier's influence)."""
+    name, opt = (BCT, cfg.train.bct) if bct else (name, cfg.train.new)
+    labels = classes_of_model(cfg, store, name)
+    subset = {"classes": labels, "model": name} if name == V3 or cfg.versions.new_classes is not None else {}
     emb_dim, extra, compat = None, {}, {}
     if bct:
         old_classes, old_fc, old_meta = old_classifier(cfg, store)
@@ -127,8 +143,9 @@ def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False)
         extra = {"old_fc": old_fc, "old_index": index}
         compat = {"compatible_with": {OLD: old_meta["version"]}}
     arch = ClassifierConfig(backbone_arch(cfg.models.new, store, emb_dim), len(labels))
-    key = digest(cfg.fingerprint("models.new", f"train.{name}"), data_version(store), compat or None)
-    task = (BctTask if bct else ClassifierTask)(opt=opt, store=store, arch=arch.backbone, labels=None,
+    key = digest(cfg.fingerprint("models.new", f"train.{BCT if bct else NEW}"), data_version(store),
+                 (compat | subset) or None)
+    task = (BctTask if bct else ClassifierTask)(opt=opt, store=store, arch=arch.backbone, labels=labels if subset else None,
                                                 num_classes=len(labels), **extra)
     meta = {"kind": "classifier", "arch": arch, "classes": labels, "dims": {"emb": arch.backbone.emb_dim},
             "data": data_version(store)} | compat
@@ -138,6 +155,23 @@ def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False)
 
 def transformation_name(use_side: bool) -> str:
     return FCT if use_side else FCT_NOSIDE
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """A transformation between two versions other than old -> new: its artefact name, the features lake
+    it learns from, which column plays which role there, and the model it learns to predict."""
+    name: str
+    features: str
+    roles: dict  # role (old, side, new) -> column of the features lake
+    target: str
+
+
+def second_upgrades() -> dict[str, Upgrade]:
+    """v2 -> v3 (chained: applied to the upgraded lake) and v1 -> v3 (direct: applied to the stored lake),
+    both learnt from the features-v3 lake (id, old, side, new, v3)."""
+    return {CHAINED: Upgrade(CHAINED, FEATURES_V3, {"old": "new", "side": "side", "new": V3}, V3),
+            DIRECT: Upgrade(DIRECT, FEATURES_V3, {"old": "old", "side": "side", "new": V3}, V3)}
 
 
 @dataclass(frozen=True)
@@ -151,18 +185,20 @@ class Features:
     key: str  # what the lake is (both splits' identities and the columns read)
 
 
-def features_lake(cfg: Config, store: Store, uri: str | None = None) -> Features:
-    """The features fct extracted (embeddings/features/{split}) or, with `uri`, any lake at URI/train and
-    URI/test read with the `columns` names (labels optional, side-info optional)."""
+def features_lake(cfg: Config, store: Store, uri: str | None = None, name: str = FEATURES,
+                  roles: dict[str, str] | None = None) -> Features:
+    """The features fct extracted (embeddings/{name}/{split}, columns by role: `roles` or old, side, new)
+    or, with `uri`, any lake at URI/train and URI/test read with the `columns` names (labels optional,
+    side-info optional)."""
     if uri is None:
-        dirs, cols = [layout.embeddings(store, FEATURES, s) for s in ("train", "test")], Columns()
+        dirs, cols = [layout.embeddings(store, name, s) for s in ("train", "test")], Columns()
         for d, split in zip(dirs, ("train", "test")):
             if not store.has_manifest(d):
                 raise LakeError(f"{store.uri(d)}: no finished feature lake; extract it first (fct extract --model old "
-                                f"--model side --model new --name {FEATURES} --split {split})")
+                                f"--model side --model new --name {name} --split {split})")
     else:
         dirs, cols = [f"{store.resolve(uri)}/{s}" for s in ("train", "test")], cfg.columns
-    roles = {"old": cols.old, "side": cols.side, "new": cols.new}
+    roles = roles or {"old": cols.old, "side": cols.side, "new": cols.new}
     dims = {r: d for r, d in zip(roles, lake.column_dims(store, dirs[0], roles.values()).values())}
     for role in ("old", "new"):
         if dims[role] is None:
@@ -176,20 +212,21 @@ def features_lake(cfg: Config, store: Store, uri: str | None = None) -> Features
 
 
 def train_transformation(cfg: Config, store: Store, use_side: bool = True, force: bool = False,
-                         features: str | None = None) -> dict:
+                         features: str | None = None, upgrade: Upgrade | None = None) -> dict:
     """h(old, side) -> new on a features lake's train split (the extract stage's, or the one at the URI
-    `features`); a lake without side-info gets the no-side transformation."""
-    f = features_lake(cfg, store, features)
+    `features`); a lake without side-info gets the no-side transformation. `upgrade` names another
+    pair of versions of fct's own lakes (v2 -> v3 or v1 -> v3)."""
+    f = features_lake(cfg, store, features, *((upgrade.features, upgrade.roles) if upgrade else ()))
     if use_side and "side" not in f.dims:
         log.warning("[h] %s has no side-info column %r: training FCT's no-side transformation (%s) instead",
                     store.uri(f.train), cfg.columns.side, FCT_NOSIDE)
         use_side = False
-    name = transformation_name(use_side)
+    name = upgrade.name if upgrade else transformation_name(use_side)
     columns = f.columns if use_side else {r: c for r, c in f.columns.items() if r != "side"}
     dims = {"old": f.dims["old"], "side": f.dims["side"] if use_side else 0, "new": f.dims["new"]}
     t = cfg.models.transformation
     arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side, t.uncertainty)
-    classifier, labels, fc_version = new_classifier(cfg, store, f, features)
+    classifier, labels, fc_version = new_classifier(cfg, store, f, features, upgrade.target if upgrade else NEW)
     key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key,
                  fc_version)
     task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch,
@@ -201,24 +238,25 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
                 lambda m: (m, transformation_error(m, store, f.test, columns, dims)))
 
 
-def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None) -> tuple[torch.Tensor | None, Labels | None,
-                                                                                      str | None]:
-    """(weight, labels, version) of the frozen new classifier for FastFill's classification term, or Nones
-    (MSE only) when its weight is 0, there is no new classifier of the features' new version, or no labels."""
+def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None, target: str = NEW
+                   ) -> tuple[torch.Tensor | None, Labels | None, str | None]:
+    """(weight, labels, version) of the frozen classifier of models/{target} for FastFill's classification
+    term, or Nones (MSE only) when its weight is 0, there is no classifier of the features' new version, or
+    no labels. Images of classes that classifier was not trained on count by MSE only."""
     if not cfg.train.transformation.classification_weight:
         return None, None, None
-    meta = registry.read_meta(store, NEW) if registry.exists(store, NEW) else {}
+    meta = registry.read_meta(store, target) if registry.exists(store, target) else {}
     if meta.get("kind") != "classifier" or f.versions.get("new") != meta["version"]:
         log.warning("[h] no classifier of the new model that made %s: training by MSE only", store.uri(f.train))
         return None, None, None
     if uri is None:
-        labels = Labels(layout.images(store, "train"), "id", "label", meta["classes"])
+        labels = Labels(layout.images(store, "train"), "id", "label", meta["classes"], ignore_unknown=True)
     elif lake.read_schema(store, lake.parts(store, f.train)[0]).get_field_index(cfg.columns.label) >= 0:
         labels = Labels(f.train, f.columns["id"], cfg.columns.label, meta["classes"])
     else:
         log.warning("[h] %s has no label column %r: training by MSE only", store.uri(f.train), cfg.columns.label)
         return None, None, None
-    module, _ = registry.load(store, NEW, {"kind": "classifier"})
+    module, _ = registry.load(store, target, {"kind": "classifier"})
     return module.fc.weight.detach().clone(), labels, meta["version"]
 
 
