@@ -9,7 +9,7 @@ TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
 STAMP   := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo test bench scale chaos data clean-data
+.PHONY: install demo test bench scale chaos data clean-data versions
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/fct upgrade --config $(CONFIG)
+
+# three model versions on the demo data in their own root: old (10 classes) -> new (15) -> v3 (all 20),
+# the second upgrade both chained and direct
+versions: $(STAMP)
+	$(VENV)/bin/fct upgrade --config $(CONFIG) --set storage.root=./fct-data-versions --set versions.third=true \
+		--set versions.new_classes=15
 
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
