@@ -154,17 +154,28 @@ def gap_closed(cases: list[dict], gallery: str, query: str = NEW) -> dict:
     return {m: (f[m] - oo[m]) / (nn[m] - oo[m]) if nn[m] != oo[m] else None for m in ("top1", "top5", "map")}
 
 
+def strategy_gaps(cases: list[dict]) -> dict[str, dict]:
+    """Each v3 gallery's share of the v1/v1 -> v3/v3 gap ({} when a case is missing or v3 scores as v1)."""
+    gaps = {s: gap_closed(cases, s, V3) for s in STRATEGIES}
+    return gaps if all(g and g["top1"] is not None for g in gaps.values()) else {}
+
+
+def better(gaps: dict[str, dict]) -> str:
+    """The strategy that closes more of the top-1 gap, then of the mAP gap."""
+    return max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
+
+
 def second_upgrade(cfg: Config, cases: list[dict]) -> dict:
     """The two ways to v3 side by side (share of the v1/v1 -> v3/v3 gap each closes) and the one served:
-    versions.strategy, or with `auto` the one that closes more of the top-1 gap (then of the mAP gap)."""
-    gaps = {s: gap_closed(cases, s, V3) for s in STRATEGIES}
-    if not all(g and g["top1"] is not None for g in gaps.values()):
+    versions.strategy, or with `auto` the better one."""
+    gaps = strategy_gaps(cases)
+    if not gaps:
         return {}
     if cfg.versions.strategy != "auto":
         chosen = {v: k for k, v in STRATEGIES.items()}[cfg.versions.strategy]
         why = f"versions.strategy={cfg.versions.strategy}"
     else:
-        chosen = max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
+        chosen = better(gaps)
         other = next(s for s in gaps if s != chosen)
         why = (f"it closes {100 * gaps[chosen]['top1']:.1f} % of the v1 -> v3 top-1 gap, {STRATEGIES[other]} "
                f"{100 * gaps[other]['top1']:.1f} %")

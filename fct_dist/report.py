@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from . import layout
-from .evaluate import LABELS, STRATEGIES, format_table, gap_closed
-from .layout import FCT, FCT_NOSIDE, V3
+from .evaluate import LABELS, STRATEGIES, better, format_table, gap_closed, strategy_gaps
+from .layout import FCT, FCT_NOSIDE
 from .runtime import machine
 from .storage import Store
 
@@ -92,10 +92,10 @@ def curve_goal(curve: dict | None) -> dict | None:
 def versions_goal(cases: list[dict]) -> tuple[dict | None, list[str]]:
     """The repeated-upgrade goal and report section (None, [] without a third version): each strategy's
     share of the v1/v1 -> v3/v3 gap, from the cases (the mean over seeds)."""
-    gaps = {s: gap_closed(cases, s, V3) for s in STRATEGIES}
-    if not all(g and g["top1"] is not None for g in gaps.values()):
+    gaps = strategy_gaps(cases)
+    if not gaps:
         return None, []
-    best = max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
+    best = better(gaps)
     lines = ["## Repeated upgrades (v1 = old -> v2 = new -> v3)", "",
              "v3 queries against the gallery in each state it went through (the rows v3 / ... of the matrix). Chained: "
              "h(v2 -> v3) applied to the upgraded lake's vectors (h(v1 -> v2)'s output; errors compound). Direct: "
