@@ -80,8 +80,8 @@ def ranking_from_neighbours(nbr_ids: np.ndarray, q_labels: np.ndarray, q_ids: np
     sorted_ids, sorted_labels = g_ids[order], g_labels[order]
 
     def label_of(ids: np.ndarray) -> np.ndarray:  # -1 where the id is not in the gallery
-        pos = np.searchsorted(sorted_ids, ids).clip(max=len(order) - 1)
-        return np.where(sorted_ids[pos] == ids, sorted_labels[pos], -1)
+        pos, found = lake.find(sorted_ids, ids)
+        return np.where(found, sorted_labels[pos], -1)
 
     nbr_labels = np.where(nbr_ids >= 0, label_of(nbr_ids), -1)
     keep = (nbr_ids != q_ids[:, None]) & (nbr_ids >= 0)
@@ -115,9 +115,10 @@ def load_source(store: Store, model: str, split: str, truth: tuple[np.ndarray, n
     store.manifest(directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
     ids, (all_ids, labels) = t["id"].to_numpy(), truth
-    pos = np.searchsorted(all_ids, ids)
-    if (pos >= len(all_ids)).any() or (all_ids[pos.clip(max=len(all_ids) - 1)] != ids).any():
-        raise lake.LakeError(f"{store.uri(directory)}: ids not found in images/{split}: the lakes are from different data")
+    pos, found = lake.find(all_ids, ids)
+    if not found.all():
+        raise lake.LakeError(f"{store.uri(directory)}: id {int(ids[~found][0])} ({int((~found).sum())} ids) not found "
+                             f"in images/{split}: the lakes are from different data")
     return ids, lake.to_numpy(t[col]), labels[pos]
 
 

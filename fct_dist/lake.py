@@ -209,6 +209,15 @@ def duplicate_mask(ids: np.ndarray, earlier: np.ndarray) -> tuple[np.ndarray, np
     return repeated, (np.isin(ids, earlier) if len(earlier) else np.zeros(len(ids), bool))
 
 
+def find(known: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pos, found): where each of `ids` sits in the sorted array `known`, and whether it is there at all
+    (pos is clipped into range, so known[pos] is always safe to read)."""
+    if not len(known):
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    pos = np.searchsorted(known, ids).clip(max=len(known) - 1)
+    return pos, known[pos] == ids
+
+
 def duplicate_ids(ids: np.ndarray) -> np.ndarray:
     uniq, counts = np.unique(ids, return_counts=True)
     return uniq[counts > 1]

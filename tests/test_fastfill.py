@@ -2,6 +2,7 @@
 top-F selection, its exactly-once resume after a kill, and the backfill curve's end points."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -154,3 +155,21 @@ def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     assert (curve["refill"]["top1"], curve["refill"]["map"]) == pytest.approx(
         (curve["curves"]["uncertainty"]["top1"][i], curve["curves"]["uncertainty"]["map"][i]))
     assert set(curve["curves"]) == {"uncertainty", "random", "oracle"}
+
+
+def test_labels_map_ids_to_the_classifiers_classes_and_name_what_is_missing(local_cfg):
+    """The id -> class join behind the classifier's CE: a wrong index, an id read as another's label, or a
+    missing id or unknown class passed over silently would each fail a line here."""
+    from fct_dist.train.loop import Labels
+    store = open_store(local_cfg().storage)
+    directory = store.path("labels")
+    lake.write_part(store, f"{directory}/{lake.part_name(0)}",
+                    pa.table({"id": pa.array([5, 1, 3, 9], pa.int64()), "label": pa.array([2, 7, 2, 4], pa.int32())}))
+    labels = Labels(directory, "id", "label", [2, 4, 7])
+    assert labels.targets(store, np.array([1, 3, 9, 5])).tolist() == [2, 0, 1, 0]
+    with pytest.raises(lake.LakeError, match=r"no 'label' for id 4 \(1 feature rows without a label\)"):
+        labels.targets(store, np.array([1, 4, 5]))
+    narrow = Labels(directory, "id", "label", [2, 4])
+    with pytest.raises(lake.LakeError, match=r"id 1 has label 7, a class the new model's classifier does not have"):
+        narrow.targets(store, np.array([3, 1]))
+    assert dataclasses.replace(narrow, ignore_unknown=True).targets(store, np.array([3, 1, 9])).tolist() == [0, -100, 1]

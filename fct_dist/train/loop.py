@@ -139,8 +139,8 @@ class Labels:
         t = lake.read_lake(store, self.directory, {self.id_col: pa.int64()}, columns=[self.id_col, self.label_col],
                            id_col=self.id_col).sort_by(self.id_col)
         known, labels = t[self.id_col].to_numpy(), t[self.label_col].to_numpy()
-        pos = np.searchsorted(known, ids).clip(max=len(known) - 1)
-        missing = known[pos] != ids
+        pos, found = lake.find(known, ids)
+        missing = ~found
         if missing.any():
             raise lake.LakeError(f"{store.uri(self.directory)}: no {self.label_col!r} for id {int(ids[missing][0])} "
                                  f"({int(missing.sum())} feature rows without a label)")

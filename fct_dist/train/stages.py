@@ -123,7 +123,12 @@ def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, 
     emb = lake.read_lake(store, layout.embeddings(store, OLD, "train"), {"id": pa.int64()}).sort_by("id")
     truth = lake.read_lake(store, layout.images(store, "train"), {"id": pa.int64(), "label": pa.int32()},
                            columns=["id", "label"]).sort_by("id")
-    y = truth["label"].to_numpy()[np.searchsorted(truth["id"].to_numpy(), emb["id"].to_numpy())]
+    ids = emb["id"].to_numpy()
+    pos, found = lake.find(truth["id"].to_numpy(), ids)
+    if not found.all():
+        raise lake.LakeError(f"{store.uri(layout.embeddings(store, OLD, 'train'))}: id {int(ids[~found][0])} has no "
+                             f"label in {store.uri(layout.images(store, 'train'))}")
+    y = truth["label"].to_numpy()[pos]
     x, classes = lake.to_numpy(emb["emb"]), sorted(int(c) for c in np.unique(y))
     return classes, torch.from_numpy(np.stack([x[y == c].mean(0) for c in classes])), meta
 
