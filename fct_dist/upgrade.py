@@ -119,8 +119,9 @@ def upgrade(cfg: Config, store: Store, seeds: int = 1, force: bool = False) -> s
             log.info("##### seed %d (%s) #####", s, store.uri(sub.root))
         runs.append(run_once(with_seed(cfg, cfg.train.old.seed + s) if s else cfg, sub, force))
     for r in runs:
-        r["timings"]["total"] = round(time.time() - t0, 1)
-    return report.write(store, runs, cfg.to_dict(), search_png=search_picture(cfg, store))
+        r["timings"]["total"] = round(sum(r["timings"].values()), 1)
+    return report.write(store, runs, cfg.to_dict(), search_png=search_picture(cfg, store),
+                        wall=round(time.time() - t0, 1))
 
 
 def search_picture(cfg: Config, store: Store, queries: int = 5, k: int = 8) -> bytes:
