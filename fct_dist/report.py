@@ -98,7 +98,7 @@ def versions_goal(cases: list[dict], runs: list[dict]) -> tuple[dict | None, lis
     if not gaps:
         return None, []
     best = better(gaps)
-    per_seed = [r["evaluation"].get("second_upgrade", {}).get("gap_closed", {}) for r in runs]
+    per_seed = [strategy_gaps(r["evaluation"]["cases"]) for r in runs]
     several = len(runs) > 1
 
     def row(s: str, g: dict) -> str:

@@ -85,13 +85,12 @@ def test_the_versions_section_shows_the_mean_and_each_seeds_share_and_judges_the
     seeds' columns, picked chained or judged the goal on the other strategy would fail a line here."""
     from fct_dist import evaluate, report
 
-    def run(chained, direct, second):
-        cases = [{"query": q, "gallery": g, "label": f"{q} / {g}", "method": "exact", "top1": t, "top5": 1.0, "map": t, "cmc": [t]}
-                 for q, g, t in (("old", "old", 0.5), ("v3", "v3", 1.0), ("v3", evaluate.CHAINED, chained),
-                                 ("v3", evaluate.DIRECT, direct))]
-        return {"evaluation": {"cases": cases, "second_upgrade": {"gap_closed": second}}}
-    runs = [run(0.9, 0.95, {evaluate.CHAINED: {"top1": 0.8, "map": 0.8}, evaluate.DIRECT: {"top1": 0.9, "map": 0.9}}),
-            run(0.8, 0.97, {evaluate.CHAINED: {"top1": 0.6, "map": 0.6}, evaluate.DIRECT: {"top1": 0.94, "map": 0.94}})]
+    def run(chained, direct):
+        cases = [{"query": q, "gallery": g, "label": f"{q} / {g}", "method": "exact", "top1": t, "top5": 1.0, "map": t,
+                  "cmc": [t]} for q, g, t in (("old", "old", 0.5), ("v3", "v3", 1.0), ("v3", evaluate.CHAINED, chained),
+                                              ("v3", evaluate.DIRECT, direct))]
+        return {"evaluation": {"cases": cases}}
+    runs = [run(0.9, 0.95), run(0.8, 0.97)]  # per seed: chained 80 / 60 %, direct 90 / 94 % of the gap
     goal, lines = report.versions_goal(report.aggregate(runs), runs)
     assert "| chained | 70.0 | 70.0 | 80.0 / 60.0 | 80.0 / 60.0 |" in lines  # (0.85 - 0.5) / 0.5
     assert "| direct | 92.0 | 92.0 | 90.0 / 94.0 | 90.0 / 94.0 |" in lines
