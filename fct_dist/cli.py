@@ -107,6 +107,14 @@ def _upgrade(cfg: Config, store: Store, a) -> None:
     upgrade.upgrade(cfg, store, seeds=a.seeds, force=a.force)
 
 
+def _gc(cfg: Config, store: Store, a) -> None:
+    from . import snapshots
+    grace = cfg.backfill.gc_grace_seconds if a.grace is None else a.grace
+    c = snapshots.collect(store, store.resolve(a.lake), grace, cfg.backfill.lease_seconds)
+    log.info("gc %s: %d files deleted (%.1f MB), %d unlisted files kept (younger than %g s)", a.lake, c["deleted"],
+             c["bytes"] / 1e6, c["kept_young"], grace)
+
+
 def _bench(cfg: Config, store: Store, a) -> None:
     if a.profile == "scale":
         from . import bench_scale
@@ -192,6 +200,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
     s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "
                    "data-parallel stages then rerun because their inputs changed)")
+    s = cmd("gc", _gc, "delete the files of a lake that neither its current nor its previous snapshot lists")
+    s.add_argument("--lake", required=True, metavar="URI", help="an embedding lake written by fct (a folder with "
+                   "_manifest.json)")
+    s.add_argument("--grace", type=float, metavar="SECONDS", help="keep unlisted files younger than this "
+                   "(default: backfill.gc_grace_seconds); 0 deletes every unlisted file")
     s = cmd("bench", _bench, "backfill vs full re-extraction, each also without Ray; scaling; 1B projection")
     s.add_argument("--profile", choices=("compare", "scale"), default="compare",
                    help="compare: backfill vs re-extraction (demo and production sizes); scale: tens of millions of "

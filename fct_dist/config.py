@@ -162,6 +162,7 @@ class Actors:
     on_bad_input: Literal["fail", "quarantine"] = "fail"
     max_attempts: int = num(3, 1, 100)
     lease_seconds: float = num(60.0, 1.0, 86_400)
+    gc_grace_seconds: float = num(3600.0, 0.0, 10 * 86_400)
 
 
 @dataclass
@@ -407,4 +408,10 @@ def load(path: str | Path | None = None, overrides: list[str] = (), preset: str 
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.num_workers=2")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw))
-    return _build(Config, tree)
+    cfg = _build(Config, tree)
+    for name in ("extract", "backfill"):
+        a = getattr(cfg, name)
+        if a.gc_grace_seconds <= a.lease_seconds:  # a file younger than the lease may belong to a live run
+            raise ConfigError(f"{name}.gc_grace_seconds={a.gc_grace_seconds:g} must be longer than "
+                              f"{name}.lease_seconds={a.lease_seconds:g}")
+    return cfg

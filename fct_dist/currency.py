@@ -8,16 +8,28 @@ manifest carries exactly that key.
 """
 from __future__ import annotations
 
+import logging
+
+from . import snapshots
 from .storage import MANIFEST, Store
+
+log = logging.getLogger(__name__)
 
 
 def current(store: Store, directory: str, key: str, manifest: str = MANIFEST) -> dict | None:
-    """The manifest of `directory` when it was committed for `key`, else None."""
+    """The manifest of `directory` when it was committed for `key` and every file it lists with a version
+    is there unchanged (`snapshots.verify`), else None."""
     path = f"{directory}/{manifest}"
     if not store.exists(path):
         return None
     m = store.read_json(path)
-    return m if m.get("key") == key else None
+    if m.get("key") != key:
+        return None
+    damage = snapshots.verify(store, directory, m)
+    if damage:
+        log.warning("%s is damaged (%s): making it again", store.uri(directory), "; ".join(damage[:3]))
+        return None
+    return m
 
 
 def commit(store: Store, directory: str, key: str, manifest: dict, name: str = MANIFEST) -> dict:

@@ -6,7 +6,8 @@ Embedding lake: id int64 + one fixed_size_list<float32>[d] per model
                 Read from any vector layout real lakes have (`vector_dim`): list<double> as Spark's
                 ArrayType writes it, large_list, fixed_shape_tensor; rows of another length are bad input.
 Where they live: `layout`. Every finished dataset directory holds a `_manifest.json`, written last
-(`currency.commit`); when it lists its files, readers read exactly those.
+(`currency.commit`, or `snapshots.commit` for the engine's lakes); when it lists its files, readers
+read exactly those (one snapshot), never the folder.
 
 Written layout (chosen by measurement, docs/ARCHITECTURE.md): no dictionary, no compression (float
 vectors neither repeat nor compress), statistics only on the id column (they give each file's id
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from . import currency, layout
+from . import currency, layout, snapshots
 from .config import digest
 from .storage import Store, StorageError, is_storage_fault
 
@@ -199,14 +200,15 @@ def read_footer(store: Store, path: str) -> Footer:
     return Footer(hashlib.sha256(raw).hexdigest()[:32], metadata, size)
 
 
-def duplicate_mask(ids: np.ndarray, earlier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(repeated: every occurrence of an id after its first in `ids`, kept: ids also in `earlier`,
-    a sorted array of ids kept in an earlier file); vectorised."""
-    order = np.argsort(ids, kind="stable")
+def repeats(ids: np.ndarray, invalid: np.ndarray | None = None) -> np.ndarray:
+    """Every occurrence of an id but the one kept: its first valid occurrence (`invalid`: a bad-row mask),
+    or its first when none is valid; vectorised."""
+    n = len(ids)
+    order = np.lexsort((np.arange(n), invalid if invalid is not None else np.zeros(n, bool), ids))
     s = ids[order]
-    repeated = np.zeros(len(ids), bool)
-    repeated[order[1:][s[1:] == s[:-1]]] = True
-    return repeated, (np.isin(ids, earlier) if len(earlier) else np.zeros(len(ids), bool))
+    out = np.zeros(n, bool)
+    out[order[1:][s[1:] == s[:-1]]] = True
+    return out
 
 
 def find(known: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -267,14 +269,32 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
 
 
 def parts(store: Store, directory: str) -> list[str]:
-    """The lake's Parquet files: those its manifest lists when it has one, else what the folder holds."""
+    """The lake's Parquet files: those its manifest lists (one snapshot) when it has one, else every Parquet
+    file under the folder, in hive partition folders (`key=value/`) too (partition values are not read as
+    columns)."""
     listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
-    if isinstance(listed, list) and listed and all(isinstance(f, str) for f in listed):
-        return [f"{directory}/{f}" for f in listed]
-    files = store.list(directory, ".parquet")
+    if isinstance(listed, list) and listed:
+        return [f"{directory}/{n}" for n in snapshots.names(listed)]
+    files = [p for p, _, _ in store.list_versions(directory, ".parquet", recursive=True)]
     if not files:
         raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
     return files
+
+
+def file_versions(store: Store, directory: str) -> list[tuple[str, int, str]]:
+    """(path, size, version) of each of the lake's Parquet files (see `parts`); a file its manifest lists
+    that is gone is an error naming it."""
+    found = store.list_versions(directory, ".parquet", recursive=True)
+    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
+    if not (isinstance(listed, list) and listed):
+        return found
+    by_path = {p: (p, size, version) for p, size, version in found}
+    want = [f"{directory}/{n}" for n in snapshots.names(listed)]
+    missing = [p for p in want if p not in by_path]
+    if missing:
+        raise LakeError(f"{store.uri(missing[0])}: listed in the lake's manifest but missing ({len(missing)} such "
+                        "files): the lake is damaged; rerun the stage that wrote it")
+    return [by_path[p] for p in want]
 
 
 def read_lake(store: Store, directory: str, expected: dict[str, pa.DataType | int],
@@ -295,7 +315,7 @@ def identity(store: Store, directory: str) -> str:
     (path, size, version): a lake someone else wrote changes identity whenever a file is rewritten."""
     if store.has_manifest(directory) and store.manifest(directory).get("key"):
         return store.manifest(directory)["key"]
-    listed = store.list_versions(directory, ".parquet")
+    listed = store.list_versions(directory, ".parquet", recursive=True)
     if not listed:
         raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
     return digest(listed)

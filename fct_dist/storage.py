@@ -6,7 +6,9 @@ passed in: pyarrow's S3 client takes them from the environment or the instance r
 
 Writes are atomic: the payload is serialised first, then appears under its final name in one step
 (a rename on local disk, a single PUT or a completed multipart upload on S3), so a reader never sees
-half a file.
+half a file. On local disk they are durable too: the file is fsynced before the rename and its folder
+after it, so a power loss after a commit cannot leave a committed name pointing at missing bytes (an
+S3 PUT is durable when it returns).
 
 Leases need one more thing pyarrow's S3 client lacks: a conditional write (compare-and-swap).
 `write_if` does it with S3's `If-None-Match` / `If-Match` through s3fs (botocore), and on local disk
@@ -83,11 +85,11 @@ class Store:
         """Files directly under `path` ending in `suffix`, sorted; hidden and `_` files skipped."""
         return [i.path for i in self.list_info(path, suffix)]
 
-    def list_info(self, path: str, suffix: str = "", hidden: bool = False) -> list[pafs.FileInfo]:
-        """FileInfo (path, size, mtime) of the files directly under `path` ending in `suffix`, sorted
-        by path; hidden (`.`) and `_` files only with `hidden`."""
+    def list_info(self, path: str, suffix: str = "", hidden: bool = False, recursive: bool = False) -> list[pafs.FileInfo]:
+        """FileInfo (path, size, mtime) of the files directly under `path` (in its sub-folders too with
+        `recursive`) ending in `suffix`, sorted by path; hidden (`.`) and `_` files only with `hidden`."""
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
         except (OSError, pa.ArrowException) as e:
             raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
         return sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
@@ -114,33 +116,51 @@ class Store:
         out.write(data)
         out.commit()
 
-    def list_versions(self, path: str, suffix: str = "") -> list[tuple[str, int, str]]:
-        """(path, size, version) of the files directly under `path` ending in `suffix`, sorted, hidden
-        and `_` files skipped. The version changes whenever a file is written again: the ETag on S3
-        (a digest of the content; LastModified has only one-second resolution), mtime + ctime + inode
-        on local disk (ctime cannot be set back, unlike mtime)."""
+    def list_versions(self, path: str, suffix: str = "", recursive: bool = False) -> list[tuple[str, int, str]]:
+        """(path, size, version) of the files under `path` ending in `suffix`, sorted; hidden and `_`
+        files skipped, and with `recursive` (hive folders such as `part=0/`) hidden and `_` folders too.
+        The version changes whenever a file is written again: the ETag on S3 (a digest of the content;
+        LastModified has only one-second resolution), mtime + ctime + inode on local disk (ctime cannot
+        be set back, unlike mtime)."""
         if self.scheme != "s3":
-            try:
-                entries = list(os.scandir(path))
-            except FileNotFoundError:
-                return []
-            except OSError as e:
-                raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
             out = []
-            for e in entries:
-                if e.is_file() and e.name.endswith(suffix) and not e.name.startswith((".", "_")):
-                    st = e.stat()
-                    out.append((e.path, st.st_size, f"{st.st_mtime_ns}.{st.st_ctime_ns}.{st.st_ino}"))
+            for folder, dirs, names in self._walk(path, recursive):
+                for name in names:
+                    if name.endswith(suffix) and not name.startswith((".", "_")):
+                        try:
+                            st = os.stat(f"{folder}/{name}")
+                        except FileNotFoundError:  # removed between the listing and the stat
+                            continue
+                        out.append((f"{folder}/{name}", st.st_size, f"{st.st_mtime_ns}.{st.st_ctime_ns}.{st.st_ino}"))
             return sorted(out)
         try:
-            entries = _s3fs(self.s3).ls(path, detail=True, refresh=True)
+            fs = _s3fs(self.s3)
+            entries = (fs.find(path, detail=True, refresh=True).values() if recursive
+                       else fs.ls(path, detail=True, refresh=True))
         except FileNotFoundError:
             return []
         except OSError as e:
             raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
         return sorted((e["name"], e["size"], e["ETag"].strip('"')) for e in entries
                       if e["type"] == "file" and e["name"].endswith(suffix)
-                      and not e["name"].rsplit("/", 1)[-1].startswith((".", "_")))
+                      and not any(part.startswith((".", "_")) for part in e["name"][len(path):].split("/")))
+
+    def _walk(self, path: str, recursive: bool):
+        """os.walk of a local folder, hidden and `_` folders skipped; only the top with recursive=False."""
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot list {self.uri(path)}: {e}") from None
+
+        def fail(e: OSError) -> None:
+            if not isinstance(e, FileNotFoundError):
+                raise StorageError(f"cannot list {self.uri(e.filename or path)}: {e}") from None
+
+        for folder, dirs, names in os.walk(path, onerror=fail):
+            dirs[:] = sorted(d for d in dirs if recursive and not d.startswith((".", "_")))
+            yield folder, dirs, names
 
     def copy(self, src: str, dst: str) -> None:
         """Copy one file (server-side on S3); `dst` appears whole or not at all."""
@@ -290,7 +310,9 @@ class AtomicFile:
         try:
             size = self.stream.tell()
             self.stream.close()
+            fsync(self.tmp)  # the bytes are on disk before the name points at them
             self.store.fs.move(self.tmp, self.path)
+            fsync(os.path.dirname(self.path))  # and the rename itself survives a power loss
         except (OSError, pa.ArrowException) as e:
             self.abort()
             raise StorageError(f"cannot write {self.store.uri(self.path)}: {e}") from None
@@ -306,6 +328,15 @@ class AtomicFile:
             pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def fsync(path: str) -> None:
+    """Flush a local file's (or folder's) data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def s3_filesystem(cfg: StorageCfg) -> pafs.S3FileSystem:

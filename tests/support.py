@@ -3,6 +3,7 @@ stores, stored lakes written by hand, outputs read back, h applied in plain torc
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,23 @@ import torch
 from fct_dist import config, lake
 from fct_dist.models import registry
 from fct_dist.storage import Store
+
+
+LOCAL = ("backfill.distributor=local",)
+
+
+def cli(root, *args: str, endpoint: str | None = None) -> list[str]:
+    """`fct backfill` of the tiny preset on the local distributor, as a command line."""
+    args = [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
+            *(x for s in LOCAL for x in ("--set", s)), *args]
+    return args + (["--set", f"storage.s3_endpoint={endpoint}"] if endpoint else [])
+
+
+def holder(**kw) -> bytes:
+    """A lease record of another run (on another host unless `host` says otherwise)."""
+    rec = {"token": "t", "host": "elsewhere", "pid": 1, "pid_started": 0.0, "command": "fct backfill",
+           "started": time.time(), "heartbeat": time.time(), "ttl": 30.0} | kw
+    return json.dumps(rec).encode()
 
 
 def make_cfg(root: str, *overrides: str, endpoint: str | None = None) -> config.Config:
@@ -64,6 +82,11 @@ def read_output(store: Store, directory: str, col: str = "emb") -> tuple[np.ndar
     """(ids, vectors) of a finished lake, sorted by id (read_lake also refuses an id written twice)."""
     t = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")
     return t["id"].to_numpy(), lake.to_numpy(t[col])
+
+
+def output_of(manifest: dict) -> dict[str, str]:
+    """{input file name: its output file's name} of a finished lake (outputs are named `{input}.{run}-{rand}`)."""
+    return {r["input"]["path"].rsplit("/", 1)[1]: r["output"] for r in manifest["per_file"]}
 
 
 def all_ids(store: Store, directory: str) -> np.ndarray:

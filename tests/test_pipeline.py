@@ -18,7 +18,7 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import open_store
 
-from .support import copy_tree, expected_backfill, id_lake, kill_session, read_output, write_stored
+from .support import copy_tree, expected_backfill, id_lake, kill_session, read_output, write_stored, output_of
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def test_backfill_equals_h_applied_directly(ray_local, stage_store):
     np.testing.assert_allclose(emb, want, atol=1e-5)
     s = m["summary"]
     assert (s["rows_in"], s["rows_out"], s["rows_rejected"]) == (len(ids), len(ids), 0)
-    assert m["files"] == [p.rsplit("/", 1)[1] for p in store.list(store.path("embeddings", "stored", "test"), ".parquet")]
+    inputs = [p.rsplit("/", 1)[1] for p in store.list(store.path("embeddings", "stored", "test"), ".parquet")]
+    assert sorted(output_of(m)) == inputs and [e["path"] for e in m["files"]] == list(output_of(m).values())
     assert s["files"] == len(m["files"]) and s["bytes_out"] > 0 and s["rows_per_second"] > 0
     assert m["producer"]["emb"]["version"] == registry.read_meta(store, "fct")["version"]
 
@@ -103,7 +104,7 @@ def test_quarantine_accounts_for_every_row(trained, local_cfg, caplog):
     assert s["files_quarantined"] == 1 and s["rows_unknown_files"] == [truncated]  # its footer is gone
     (why,) = s["quarantined"].values()
     assert "row count unknown" in why
-    (entry,) = [r for r in m["per_file"] if r["output"] == "part-00005.parquet"]
+    (entry,) = [r for r in m["per_file"] if r["output"] == output_of(m)["part-00005.parquet"]]
     assert entry["rows_in"] is None and entry["rows_rejected"] is None
     assert "rows of 1 quarantined files unknown" in caplog.text
     ids, _ = read_output(store, store.path("embeddings", "fct", "test"))
@@ -111,10 +112,12 @@ def test_quarantine_accounts_for_every_row(trained, local_cfg, caplog):
     rejected = lake.read_lake(store, store.path("rejected", "fct", "test"), {"id": pa.int64(), "reason": pa.string()})
     reasons = dict(zip(rejected["id"].to_pylist(), rejected["reason"].to_pylist()))
     assert reasons == {11: "NaN/inf in old", 21: "duplicate id (repeated in this file)",
-                       2: "duplicate id (kept in an earlier file)", 40: "NaN/inf in old", 41: "NaN/inf in old"}
-    empty = lake.read_part(store, store.path("embeddings", "fct", "test", "part-00006.parquet"), {"emb": 16})
+                       2: "duplicate id (kept in another file)", 40: "NaN/inf in old", 41: "NaN/inf in old"}
+    empty = lake.read_part(store, store.path("embeddings", "fct", "test", output_of(m)["part-00006.parquet"]), {"emb": 16})
     assert empty.num_rows == 0  # a file whose rows were all rejected still has the output schema
-    reason = store.read_json(store.path("rejected", "fct", "test", "part-00005.parquet.reason.json"))
+    why = output_of(m)["part-00005.parquet"].removesuffix(".parquet") + ".reason.json"
+    assert why in m["rejected_files"]
+    reason = store.read_json(store.path("rejected", "fct", "test", why))
     assert "part-00005.parquet" in reason["file"]
 
 
