@@ -2,10 +2,13 @@
 
 Per round: a backfill and an index build on S3 through the fault proxy (5 % faulty requests by
 default), a backfill whose Ray actor is SIGKILLed midway, and a `fct backfill` process SIGKILLed
-midway then rerun (each kill checked to have landed mid-run). Once: a Ray Train run on S3 through the
+midway then rerun (each kill checked to have landed mid-run), a `fct backfill` paused (SIGSTOP) past its
+lease while a second run takes over and finishes, then resumed (the finished lake must stay byte for
+byte as committed), and a lease held by a live run in another pid namespace under this host name (it
+must not be taken over until its heartbeat stops). Once: a Ray Train run on S3 through the
 proxy (checkpoints), a worker node of a two-node Ray cluster lost during a backfill, an index build
 and a Ray Train run (tests/node_loss.py), and the bad-input table. Every finished lake is checked id by id with plain
-pyarrow (every Parquet file in its folder): rows lost and rows duplicated must be 0.
+pyarrow (every Parquet file its snapshot lists): rows lost and rows duplicated must be 0.
 
     python -m tests.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
 """
@@ -14,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,13 @@ import ray
 from moto.server import ThreadedMotoServer
 
 from fct_dist import config, fixtures
+from fct_dist.lease import LEASE, machine
 from fct_dist.pipeline import backfill, index
-from fct_dist.storage import open_store
+from fct_dist.storage import MANIFEST, open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .support import all_ids, kill_session, processes, wait_for_files
+from .support import all_ids, holder, kill_session, processes, wait_for_files
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -41,6 +47,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
 class Tally:
     def __init__(self):
         self.faults, self.runs, self.lost, self.duplicated, self.log = 0, 0, 0, 0, []
+        self.kinds: Counter = Counter()  # faults by kind, for the ones a round injects one at a time
 
     def check(self, what: str, store, directory: str, n: int) -> None:
         """Count ids missing from / repeated in a finished lake that should hold ids 0..n-1."""
@@ -120,6 +127,59 @@ def driver_kill_round(t: Tally, root: str, rows: int) -> None:
     t.check("fct backfill SIGKILLed, then rerun", store, out, rows)
 
 
+def backfill_cli(root: str, stored: str, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
+            "--input", stored, "--set", "backfill.distributor=local", *(x for s in sets for x in ("--set", s))]
+
+
+def committed(store, out: str) -> dict[str, bytes]:
+    """What a reader of the lake sees: its manifest and the bytes of every file it lists."""
+    m = store.manifest(out)
+    return {MANIFEST: store.read_bytes(f"{out}/{MANIFEST}")} | {
+        e["path"]: store.read_bytes(f"{out}/{e['path']}") for e in m["files"]}
+
+
+def paused_writer_round(t: Tally, root: str, rows: int) -> None:
+    """A run paused past its lease (a suspended VM, a long GC stall), a second run finishing meanwhile."""
+    cfg, store, stored = setup(root, rows, 40)
+    out = store.path("embeddings", "fct", "test")
+    lease = ("backfill.lease_seconds=2", "backfill.gc_grace_seconds=600")
+    zombie = subprocess.Popen(backfill_cli(root, stored, *lease, "backfill.batch_size=16"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = wait_for_files(store, out, 2, lambda: zombie.poll() is None)
+    os.kill(zombie.pid, signal.SIGSTOP)
+    landed_mid_run("paused writer", seen, 40, store, out)
+    time.sleep(3)
+    subprocess.run(backfill_cli(root, stored, *lease), check=True, capture_output=True, timeout=600)
+    finished = committed(store, out)
+    os.kill(zombie.pid, signal.SIGCONT)
+    _, err = zombie.communicate(timeout=600)
+    if zombie.returncode != 2 or "this run's lease was taken over" not in err:
+        raise AssertionError(f"paused writer: it did not stop on its lost lease (exit {zombie.returncode}): {err[-500:]}")
+    if committed(store, out) != finished:
+        raise AssertionError("paused writer: the finished lake changed after the paused run resumed")
+    t.faults += 1
+    t.kinds["paused writer"] += 1
+    t.check("fct backfill paused past its lease, another run finished, then resumed", store, out, rows)
+
+
+def shared_hostname_round(t: Tally, root: str, rows: int) -> None:
+    """A live run in another container with this host name (another pid namespace) holds the lease."""
+    cfg, store, stored = setup(root, rows, 10)
+    out = store.path("embeddings", "fct", "test")
+    ttl = 8.0
+    other = holder(**machine() | {"pid_ns": "pid:[1]"}, pid=2**22 - 1, ttl=ttl)  # a pid not seen here
+    store.write_if(f"{out}/{LEASE}", other, None)
+    refused = subprocess.run(backfill_cli(root, stored), capture_output=True, text=True, timeout=300)
+    if refused.returncode != 2 or "is being written by another run" not in refused.stderr:
+        raise AssertionError(f"shared host name: the live lease was not respected: {refused.stderr[-500:]}")
+    time.sleep(ttl)  # its heartbeat stops: now it may be taken over
+    subprocess.run(backfill_cli(root, stored), check=True, capture_output=True, timeout=600)
+    t.faults += 1
+    t.kinds["lease under a shared host name"] += 1
+    t.check("a lease held under this host name from another pid namespace, then expired", store, out, rows)
+
+
 def train_on_faulty_s3(t: Tally, endpoint: str, fraction: float) -> None:
     from fct_dist import datasets
     from fct_dist.train import stages
@@ -189,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 s3_round(t, endpoint, a.fraction, a.rows)
                 actor_kill_round(t, f"{tmp}/actor-{r}", a.rows)
                 driver_kill_round(t, f"{tmp}/driver-{r}", a.rows)
+                paused_writer_round(t, f"{tmp}/paused-{r}", a.rows)
+                shared_hostname_round(t, f"{tmp}/hostname-{r}", a.rows)
             train_on_faulty_s3(t, endpoint, a.fraction)
             print("\n=== a worker node lost (two Ray nodes on this machine) ===", flush=True)
             nodes = node_loss_round(t, tmp)
@@ -197,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         server.stop()
-    figures = {"faults_injected": t.faults, "runs_completed": t.runs, "rows_lost": t.lost,
+    figures = {"faults_injected": t.faults, **{f"faults: {k}": v for k, v in t.kinds.items()},
+               "runs_completed": t.runs, "rows_lost": t.lost,
                "rows_duplicated": t.duplicated, "bad_input_cases_tried": len(bad),
                "bad_input_cases_handled": sum(b["handled"] for b in bad), "seconds": round(time.time() - t0)}
     lines = ["# make chaos", "", f"rounds {a.rounds}, {a.fraction:.0%} faulty S3 requests, {a.rows:,} rows per lake", "",
