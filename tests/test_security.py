@@ -22,7 +22,7 @@ def test_no_credential_value_in_any_log_manifest_report_or_error(trained, s3_end
     direct = open_store(make_cfg(f"s3://{bucket}/lake", endpoint=s3_endpoint).storage)
     for part in ("models", "embeddings/stored"):
         copy_tree(trained[1], direct, part)
-    proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"stored/test/part-00000\.parquet").start()
+    proxy = FaultProxy(s3_endpoint, fraction=0.0, fail=r"stored/test/part-00000\.[^/]*parquet").start()
     with tempfile.TemporaryDirectory(prefix="fctsec", dir="/tmp") as ray_tmp:  # short: Ray's socket paths
         env = os.environ | {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "RAY_TMPDIR": ray_tmp}
 

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 KEY = b"fct.key"
 STATS = b"fct.stats"
 ROW_GROUP_ROWS = 65_536  # output rows per Parquet row group
+OWN_SUFFIX = re.compile(r"\.[0-9a-f]{12}-[0-9a-f]{8}$")  # `.{run}-{rand}` of the files the engine writes
 
 
 class BatchFn(Protocol):
@@ -112,8 +114,10 @@ class Input:
     error: str = ""  # why the file cannot be used (unreadable footer or id column, wrong schema or producer)
 
     def output_name(self, run_id: str) -> str:
-        """A name no other write uses: the input's, this run's id and a random part (a retry is a new write)."""
-        return f"{self.name.removesuffix('.parquet')}.{run_id}-{uuid.uuid4().hex[:8]}"
+        """A name no other write uses: the input's (less the run part an fct lake's input already carries, so a
+        chain of upgrades keeps short names), this run's id and a random part (a retry is a new write)."""
+        stem = OWN_SUFFIX.sub("", self.name.removesuffix(".parquet"))
+        return f"{stem}.{run_id}-{uuid.uuid4().hex[:8]}"
 
     def identity(self) -> dict:
         return {"path": self.path, "size": self.size, "version": self.version, "footer": self.footer}
