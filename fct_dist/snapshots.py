@@ -62,9 +62,14 @@ def relative(directory: str, path: str) -> str:
     return path[len(directory.rstrip("/")) + 1:]
 
 
+def listing(store: Store, directory: str) -> dict[str, tuple[int, str]]:
+    """{path relative to `directory`: (size, version)} of every file under it (`_` and `.` names skipped)."""
+    return {relative(directory, p): (size, version) for p, size, version in store.list_versions(directory, recursive=True)}
+
+
 def file_entries(store: Store, directory: str, names: list[str]) -> list[dict]:
     """{path (relative), size, version} of each of `names` as the store has it now; a missing one is an error."""
-    found = {relative(directory, p): (size, version) for p, size, version in store.list_versions(directory, recursive=True)}
+    found = listing(store, directory)
     missing = [n for n in names if n not in found]
     if missing:
         raise StorageError(f"{store.uri(directory)}: {len(missing)} files this run wrote are gone before its commit "
@@ -82,7 +87,7 @@ def verify(store: Store, directory: str, manifest: dict) -> list[str]:
     entries = [e for e in manifest.get("files", []) if isinstance(e, dict)]
     if not entries:
         return []
-    found = {relative(directory, p): (size, version) for p, size, version in store.list_versions(directory, recursive=True)}
+    found = listing(store, directory)
     problems = []
     for e in entries:
         got = found.get(e["path"])

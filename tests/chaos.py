@@ -34,11 +34,11 @@ from moto.server import ThreadedMotoServer
 from fct_dist import config, fixtures
 from fct_dist.lease import LEASE, machine
 from fct_dist.pipeline import backfill, index
-from fct_dist.storage import MANIFEST, open_store
+from fct_dist.storage import open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .support import all_ids, holder, kill_session, processes, wait_for_files
+from .support import all_ids, committed, holder, kill_session, processes, wait_for_files
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -130,13 +130,6 @@ def driver_kill_round(t: Tally, root: str, rows: int) -> None:
 def backfill_cli(root: str, stored: str, *sets: str) -> list[str]:
     return [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
             "--input", stored, "--set", "backfill.distributor=local", *(x for s in sets for x in ("--set", s))]
-
-
-def committed(store, out: str) -> dict[str, bytes]:
-    """What a reader of the lake sees: its manifest and the bytes of every file it lists."""
-    m = store.manifest(out)
-    return {MANIFEST: store.read_bytes(f"{out}/{MANIFEST}")} | {
-        e["path"]: store.read_bytes(f"{out}/{e['path']}") for e in m["files"]}
 
 
 def paused_writer_round(t: Tally, root: str, rows: int) -> None:

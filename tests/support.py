@@ -89,6 +89,13 @@ def output_of(manifest: dict) -> dict[str, str]:
     return {r["input"]["path"].rsplit("/", 1)[1]: r["output"] for r in manifest["per_file"]}
 
 
+def committed(store: Store, directory: str) -> dict[str, bytes]:
+    """The bytes a reader of the lake's current snapshot sees: its manifest and every file it lists."""
+    m = store.manifest(directory)
+    return {"_manifest.json": store.read_bytes(f"{directory}/_manifest.json")} | {
+        e["path"]: store.read_bytes(f"{directory}/{e['path']}") for e in m["files"]}
+
+
 def all_ids(store: Store, directory: str) -> np.ndarray:
     """Every id in every Parquet file the lake's current snapshot lists, duplicates included (the manifest's
     JSON and plain pyarrow, none of fct's readers or checks)."""

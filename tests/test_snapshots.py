@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,26 +23,12 @@ from fct_dist.lease import LEASE, Lease, LeaseHeld, machine
 from fct_dist.pipeline import backfill
 from fct_dist.storage import MANIFEST, open_store
 
-from .support import (LOCAL, cli, expected_backfill, h_direct, holder, id_lake, output_of, processes, read_output,
-                      tiny_transformations, write_stored)
+from .support import (LOCAL, cli, committed, expected_backfill, h_direct, holder, id_lake, output_of, processes,
+                      read_output, tiny_transformations, wait_for_files, write_stored)
 
 
 def out_dir(store):
     return layout.embeddings(store, "fct", "test")
-
-
-def committed(store, directory: str) -> dict[str, bytes]:
-    """The bytes a reader of the lake's current snapshot sees: its manifest and every file it lists."""
-    m = store.manifest(directory)
-    return {MANIFEST: store.read_bytes(f"{directory}/{MANIFEST}")} | {
-        e["path"]: store.read_bytes(f"{directory}/{e['path']}") for e in m["files"]}
-
-
-def wait_for_outputs(store, directory: str, proc, n: int = 1, seconds: float = 120) -> int:
-    deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None and len(store.list(directory, ".parquet")) < n:
-        time.sleep(0.05)
-    return len(store.list(directory, ".parquet"))
 
 
 @pytest.mark.parametrize("where,paused", [("local", "driver"), ("s3", "driver"), ("local", "actor")])
@@ -64,7 +51,7 @@ def test_a_paused_writer_never_touches_the_lake_another_run_finished(where, paus
     zombie = subprocess.Popen(cli(cfg.storage.root, *zombie_args, endpoint=endpoint), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        at_pause = wait_for_outputs(store, out_dir(store), zombie)
+        at_pause = wait_for_files(store, out_dir(store), 1, lambda: zombie.poll() is None)
         stopped = [psutil.Process(zombie.pid)]
         if paused == "actor":
             stopped = processes("RayFileWorker", stopped[0]) + stopped
@@ -269,3 +256,24 @@ def test_gc_keeps_the_previous_generation_and_young_files(any_cfg):
     assert {n for n in left if not n.startswith("_")} == listed
     assert not store.exists(f"{d}/_snapshots/00000001.json") and store.exists(f"{d}/_snapshots/00000002.json")
     assert_backfilled(store, "fct")
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed to see the system calls")
+def test_local_outputs_are_fsynced_before_their_rename_and_the_folder_after(local_cfg):
+    """A power loss after a commit must not leave a committed name pointing at bytes still in the page cache."""
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    id_lake(store, store.path("in"), tiny_transformations(store), files=2, rows_per_file=10)
+    trace = store.path("trace.txt")
+    r = subprocess.run(["strace", "-f", "-qq", "-y", "-o", trace, "-e", "trace=fsync,rename,renameat,renameat2",
+                        *cli(cfg.storage.root, "--input", store.uri(store.path("in")))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = open(trace).read().splitlines()  # -y: each fd printed with its path, fsync(7</path/to/file>)
+    for name in [e["path"] for e in store.manifest(out_dir(store))["files"]] + [MANIFEST]:
+        final = f"{out_dir(store)}/{name}"
+        (k,) = [k for k, c in enumerate(calls) if "rename" in c and f'"{final}"' in c]
+        tmp = calls[k].split('"')[1]
+        assert any("fsync(" in c and f"<{tmp}>" in c for c in calls[:k]), f"{name}: not fsynced before its rename"
+        assert any("fsync(" in c and f"<{out_dir(store)}>" in c for c in calls[k:]), \
+            f"{name}: its folder was not fsynced after the rename"

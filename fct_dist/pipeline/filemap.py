@@ -460,15 +460,10 @@ class FileWorker:
         rows = np.isin(ids, ids[lake.repeats(ids)]) & ~elsewhere
         table = pf.read(columns=job.columns).filter(pa.array(rows))
         invalid = np.zeros(len(ids), bool)
-        invalid[rows] = self.invalid(table)
+        with self.compute:
+            invalid[rows] = invalid_rows(self.fn, table)
         return lake.repeats(ids, invalid) & ~elsewhere
 
-    def invalid(self, table: pa.Table) -> np.ndarray:
-        """The batch function's verdict on each row of `table` (True: the row is bad input)."""
-        if not table.num_rows:
-            return np.zeros(0, bool)
-        with self.compute:
-            return self.fn(table.combine_chunks().to_batches()[0])[0]
 
     def _out_schema(self) -> pa.Schema:
         job = self.job
@@ -537,17 +532,16 @@ def existing_outputs(job: FileJob) -> dict[str, tuple[str, dict, int]]:
     orphans included), from their footers; a file that is not readable Parquet is ignored."""
     store = job.store
 
-    def one(info):
+    def one(path: str):
         try:
-            f = lake.read_footer(store, info.path)
+            f = lake.read_footer(store, path)
         except LakeError:
             return "", None
         meta = f.metadata.metadata or {}
-        return meta.get(KEY, b"").decode(), (snapshots.relative(job.out_dir, info.path),
-                                             json.loads(meta.get(STATS, b"{}")), f.size)
+        return meta.get(KEY, b"").decode(), (snapshots.relative(job.out_dir, path), json.loads(meta.get(STATS, b"{}")),
+                                             f.size)
 
-    listed = [i for i in store.list_info(job.out_dir, ".parquet", recursive=True)
-              if not any(part.startswith((".", "_")) for part in snapshots.relative(job.out_dir, i.path).split("/"))]
+    listed = [p for p, _, _ in store.list_versions(job.out_dir, ".parquet", recursive=True)]
     with ThreadPoolExecutor(16) as pool:
         return {key: v for key, v in pool.map(one, listed) if key}
 
@@ -564,6 +558,11 @@ def check_disjoint(job: FileJob) -> None:
                             "output outside the input (and not above it)")
 
 
+def invalid_rows(fn: BatchFn, table: pa.Table) -> np.ndarray:
+    """The batch function's verdict on each row of a non-empty `table` (True: the row is bad input)."""
+    return fn(table.combine_chunks().to_batches()[0])[0]
+
+
 def validity(job: FileJob) -> Callable[[pa.Table], np.ndarray]:
     """The batch function's valid-row mask, its models loaded on first use (only ids found in several files
     need it, on the driver)."""
@@ -574,7 +573,7 @@ def validity(job: FileJob) -> Callable[[pa.Table], np.ndarray]:
             return np.zeros(0, bool)
         if not fn:
             fn.append(job.make_fn())
-        return ~fn[0](table.combine_chunks().to_batches()[0])[0]
+        return ~invalid_rows(fn[0], table)
     return valid
 
 
