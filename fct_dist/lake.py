@@ -268,13 +268,19 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
     return table
 
 
+def listed_paths(store: Store, directory: str) -> list[str]:
+    """The paths of the files the lake's manifest lists (its current snapshot); [] without such a list."""
+    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
+    return [f"{directory}/{n}" for n in snapshots.names(listed)] if isinstance(listed, list) else []
+
+
 def parts(store: Store, directory: str) -> list[str]:
     """The lake's Parquet files: those its manifest lists (one snapshot) when it has one, else every Parquet
     file under the folder, in hive partition folders (`key=value/`) too (partition values are not read as
     columns)."""
-    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
-    if isinstance(listed, list) and listed:
-        return [f"{directory}/{n}" for n in snapshots.names(listed)]
+    listed = listed_paths(store, directory)
+    if listed:
+        return listed
     files = [p for p, _, _ in store.list_versions(directory, ".parquet", recursive=True)]
     if not files:
         raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
@@ -285,11 +291,10 @@ def file_versions(store: Store, directory: str) -> list[tuple[str, int, str]]:
     """(path, size, version) of each of the lake's Parquet files (see `parts`); a file its manifest lists
     that is gone is an error naming it."""
     found = store.list_versions(directory, ".parquet", recursive=True)
-    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
-    if not (isinstance(listed, list) and listed):
+    want = listed_paths(store, directory)
+    if not want:
         return found
     by_path = {p: (p, size, version) for p, size, version in found}
-    want = [f"{directory}/{n}" for n in snapshots.names(listed)]
     missing = [p for p in want if p not in by_path]
     if missing:
         raise LakeError(f"{store.uri(missing[0])}: listed in the lake's manifest but missing ({len(missing)} such "

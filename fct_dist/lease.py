@@ -90,7 +90,8 @@ class Lease:
         self.version: str | None = None
         self.lost: str | None = None
         me = psutil.Process()
-        self.record = machine() | {"token": uuid.uuid4().hex, "pid": os.getpid(), "pid_started": me.create_time(), "command": what or os.path.basename(sys.argv[0]), "started": time.time(),
+        self.record = machine() | {"token": uuid.uuid4().hex, "pid": os.getpid(), "pid_started": me.create_time(),
+                                   "command": what or os.path.basename(sys.argv[0]), "started": time.time(),
                        "heartbeat": time.time(), "ttl": ttl}
         self._stop = threading.Event()
         self._lock = threading.Lock()

@@ -38,7 +38,7 @@ from fct_dist.storage import open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .support import all_ids, committed, holder, kill_session, processes, wait_for_files
+from .support import all_ids, cli, committed, holder, kill_session, processes, wait_for_files
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -128,8 +128,7 @@ def driver_kill_round(t: Tally, root: str, rows: int) -> None:
 
 
 def backfill_cli(root: str, stored: str, *sets: str) -> list[str]:
-    return [sys.executable, "-m", "fct_dist.cli", "backfill", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--input", stored, "--set", "backfill.distributor=local", *(x for s in sets for x in ("--set", s))]
+    return cli(root, "--input", stored, *(x for s in sets for x in ("--set", s)))
 
 
 def paused_writer_round(t: Tally, root: str, rows: int) -> None:
