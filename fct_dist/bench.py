@@ -39,6 +39,7 @@ from .layout import FCT, NEW, STORED
 from .measure import (ZeroCost, compute_only, measured, median_run, plain_copy, same_output,
                       same_output_as_old)
 from .pipeline import backfill, distribute, extract, filemap
+from .pipeline.filejob import FileJob
 from .projection import project
 from .runtime import gpus_available, init_ray, machine
 from .storage import Store
@@ -54,10 +55,10 @@ def on(cfg: Config, distributor: str) -> Config:
     return c
 
 
-def engine_run(cfg: Config, job: filemap.FileJob) -> dict:
+def engine_run(cfg: Config, job: FileJob) -> dict:
     """An engine job from scratch (its output cleared first): rows, bytes, steady rate, start-up."""
     job.store.delete(job.out_dir)
-    s = distribute.run(cfg, job)["summary"]
+    s = filemap.run(job, distribute.of(cfg, job.actors))["summary"]
     if s["rows_out"] != s["rows_in"]:
         raise LakeError(f"{job.store.uri(job.out_dir)}: {s['rows_in'] - s['rows_out']} rows rejected in a bench lake")
     return {"rows": s["rows_out"], "bytes_in": s["bytes_in"], "output": job.out_dir,
@@ -75,17 +76,17 @@ def profile_store(root: Store, p: Profile) -> Store:
     return root.sub("bench", p.name)
 
 
-def profile_jobs(cfg: Config, store: Store, p: Profile, split: str) -> dict[str, Callable[[Config, str], filemap.FileJob]]:
+def profile_jobs(cfg: Config, store: Store, p: Profile, split: str) -> dict[str, Callable[[Config, str], FileJob]]:
     """The profile's engine jobs: (config, distributor) -> the job, writing to its own output lake."""
 
-    def backfill(c: Config, distributor: str) -> filemap.FileJob:
+    def backfill(c: Config, distributor: str) -> FileJob:
         return backfill_job(c, store, split, f"fct-{distributor}")
 
-    def reextract(c: Config, distributor: str) -> filemap.FileJob:
+    def reextract(c: Config, distributor: str) -> FileJob:
         c.extract.batch_size = p.batch_size
         return extract.extract_job(c, store, IMAGE_SPLIT, {"emb": NEW}, f"new-{distributor}")
 
-    def zero_cost(c: Config, distributor: str) -> filemap.FileJob:
+    def zero_cost(c: Config, distributor: str) -> FileJob:
         job = backfill_job(c, store, split, f"zero-cost-{distributor}")
         return dataclasses.replace(job, make_fn=ZeroCost, fingerprint=f"zero-cost-{job.fingerprint}")
 
@@ -93,7 +94,7 @@ def profile_jobs(cfg: Config, store: Store, p: Profile, split: str) -> dict[str,
     return jobs | ({IO_JOB: zero_cost} if p.name == "production" else {})
 
 
-def backfill_job(c: Config, store: Store, split: str, out_name: str) -> filemap.FileJob:
+def backfill_job(c: Config, store: Store, split: str, out_name: str) -> FileJob:
     """The backfill of the stored lake `split` by the profile's h into embeddings/{out_name}/{split}."""
     return backfill.backfill_job(c, store, FCT, split, input=store.uri(layout.embeddings(store, STORED, split)),
                                  output=store.uri(layout.embeddings(store, out_name, split)))

@@ -21,7 +21,7 @@ import pytest
 from fct_dist import lake, layout
 from fct_dist.lake import LakeError
 from fct_dist.lease import LEASE, Lease, LeaseHeld, LeaseLost, machine
-from fct_dist.pipeline import backfill, distribute
+from fct_dist.pipeline import backfill, distribute, filemap
 from fct_dist.storage import Conflict, StorageError, open_store
 
 from .faultproxy import FaultProxy
@@ -208,7 +208,7 @@ BUGGY = """
 import sys, numpy as np
 from fct_dist import config, lake
 from fct_dist.storage import open_store
-from fct_dist.pipeline import backfill, distribute
+from fct_dist.pipeline import backfill, distribute, filemap
 class DropsARow:  # a batch function with a bug: one vector fewer than good rows
     def __call__(self, rb):
         return np.zeros(rb.num_rows, bool), [], {"emb": np.zeros((rb.num_rows - 1, 16), np.float32)}
@@ -216,7 +216,7 @@ cfg = config.load(None, [f"storage.root={sys.argv[1]}", "backfill.distributor=lo
 store = open_store(cfg.storage)
 job = backfill.backfill_job(cfg, store, input=store.path("in"))
 job.make_fn = DropsARow
-distribute.run(cfg, job)
+filemap.run(job, distribute.of(cfg, job.actors))
 """
 
 
@@ -254,10 +254,10 @@ def test_a_poison_file_is_retried_a_bounded_number_of_times(ray_local, local_cfg
     job = dataclasses.replace(job, make_fn=functools.partial(KillsItsWorker, 60, job.make_fn))  # 60: part-00002
     if policy == "fail":
         with pytest.raises(LakeError, match=r"in/part-00002\.parquet: killed its worker 2 times"):
-            distribute.run(cfg, job)
+            filemap.run(job, distribute.of(cfg, job.actors))
         assert not store.has_manifest(out_dir(store))
         return
-    m = distribute.run(cfg, job)
+    m = filemap.run(job, distribute.of(cfg, job.actors))
     s = m["summary"]
     assert s["files_quarantined"] == 1 and "killed its worker 2 times" in s["quarantined"][store.uri(store.path("in", "part-00002.parquet"))]
     assert (s["rows_in"], s["rows_out"], s["rows_rejected"]) == (100, 75, 25)

@@ -19,7 +19,7 @@ import ray
 from ray.data.checkpoint import CheckpointConfig
 
 from fct_dist import bench, config, fixtures, measure
-from fct_dist.pipeline import distribute
+from fct_dist.pipeline import distribute, filemap
 from fct_dist.storage import open_store
 
 
@@ -65,7 +65,7 @@ def main() -> None:
                 job = bench.backfill_job(cfg, store, f"n{a.rows}", "engine")
                 job = dataclasses.replace(job, make_fn=measure.ZeroCost, out_dir=out)
                 t0 = time.time()
-                s = distribute.run(cfg, job)["summary"]
+                s = filemap.run(job, distribute.of(cfg, job.actors))["summary"]
                 wall = a.rows / (time.time() - t0)
                 print(f"round {rep}: {name:20s} {wall:10,.0f} rows/s wall, {s['rows_per_second']:10,.0f} steady", flush=True)
             else:

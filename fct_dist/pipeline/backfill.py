@@ -17,9 +17,9 @@ from ..lake import LakeError
 from ..layout import CHAINED, FCT, STORED
 from ..models import registry
 from ..storage import Store
-from . import filemap
+from . import distribute, filemap
 from .device import place
-from .distribute import run
+from .filejob import FileJob
 
 
 # Arrow's buffers are read-only and h only reads them: torch's warning about that is noise
@@ -64,7 +64,7 @@ class TransformFn:
 
 
 def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
-                 output: str | None = None) -> filemap.FileJob:
+                 output: str | None = None) -> FileJob:
     """The backfill of a stored lake (default embeddings/stored/{split}) by models/{h_name} into a new
     lake (default embeddings/{h_name}/{split}); `input` / `output` are URIs or paths on the store's
     storage, read and written with the `columns` names. A no-side transformation reads no side column.
@@ -89,7 +89,7 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
     producer |= {c: in_prod.get(c, {}) | {"dim": d, "kept": "copied unchanged from the input lake"}
                  for c, d in kept.items()}
     read = {c: meta["dims"][r] for r, c in roles.items()} | kept
-    return filemap.FileJob(
+    return FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir, rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, h_name, split),
         expected={cols.id: pa.int64()} | read, columns=[cols.id, *read],
         make_fn=functools.partial(TransformFn, store, h_name, cols, cfg.backfill.precision, kept), producer=producer,
@@ -123,4 +123,4 @@ def input_lineage(store: Store, in_dir: str, keep: list[str]) -> tuple[dict, dic
 def backfill(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
              output: str | None = None) -> dict:
     """Apply models/{h_name} to every row of the stored lake; writes the new lake (see backfill_job)."""
-    return run(cfg, backfill_job(cfg, store, h_name, split, input, output))
+    return filemap.run(backfill_job(cfg, store, h_name, split, input, output), distribute.of(cfg, cfg.backfill))

@@ -15,9 +15,9 @@ from ..lake import LakeError
 from ..layout import FEATURES, FEATURES_V3, NEW, OLD, SIDE, STORED, V3
 from ..models import registry
 from ..storage import Store
-from . import filemap
+from . import distribute, filemap
 from .device import place
-from .distribute import run
+from .filejob import FileJob
 
 
 class ExtractFn:
@@ -54,7 +54,7 @@ class ExtractFn:
 
 
 def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
-                input: str | None = None, output: str | None = None) -> filemap.FileJob:
+                input: str | None = None, output: str | None = None) -> FileJob:
     """The extraction of an image lake by `models` ({output column: artefact name}): images/{split} into
     embeddings/{out_name}/{split}, or the lake at `input` (Parquet with the `columns.id` and
     `columns.image` columns, or a folder of images named by id, packed first into OUTPUT.images) into
@@ -69,7 +69,7 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
     for col, name in models.items():
         _, meta = registry.load(store, name)
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
-    return filemap.FileJob(
+    return FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir,
         rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, out_name, split),
         expected={cols.id: pa.int64(), cols.image: pa.binary()}, columns=[cols.id, cols.image],
@@ -81,7 +81,7 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
 def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
             input: str | None = None, output: str | None = None) -> dict:
     """Embed an image lake with `models` ({output column: artefact name}); see extract_job."""
-    return run(cfg, extract_job(cfg, store, split, models, out_name, input, output))
+    return filemap.run(extract_job(cfg, store, split, models, out_name, input, output), distribute.of(cfg, cfg.extract))
 
 
 def stored(cfg: Config, store: Store, split: str = "test") -> dict:

@@ -28,9 +28,10 @@ from ..lake import LakeError
 from ..layout import FCT, NEW, REFILL
 from ..models import registry
 from ..storage import Store
-from . import filemap
-from .distribute import map_groups, run
+from . import distribute, filemap
 from .extract import ExtractFn
+from .filejob import FileJob
+from .plan import id_range
 
 log = logging.getLogger(__name__)
 DIGITS, BITS = 6, 16  # the key's 96 bits as six 16-bit digits, most significant first
@@ -84,7 +85,7 @@ def threshold(cfg: Config, store: Store, paths: list[str], k: int) -> Threshold:
     groups = [paths[i::n] for i in range(n)]
     prefix, need = [], k
     for level in range(DIGITS):
-        h = sum(map_groups(cfg, cfg.extract, functools.partial(histogram, store, cols=cfg.columns, prefix=prefix), groups))
+        h = sum(distribute.of(cfg, cfg.extract).map_groups(functools.partial(histogram, store, cols=cfg.columns, prefix=prefix), groups))
         cum = np.cumsum(h)
         v = int(np.searchsorted(cum, need))  # the first digit whose cumulative count reaches `need`
         need -= int(cum[v - 1]) if v else 0
@@ -117,7 +118,7 @@ class RefillFn:
         with ThreadPoolExecutor(16) as pool:
             footers = list(pool.map(functools.partial(lake.read_footer, store), image_files))
         unknown = (-(2**63), 2**63 - 1)  # a file without id statistics may hold any id
-        self.ranges = [(p, filemap.id_range(f, cols.id) or unknown) for p, f in zip(image_files, footers)]
+        self.ranges = [(p, id_range(f, cols.id) or unknown) for p, f in zip(image_files, footers)]
         self.embed = ExtractFn(store, {cols.out: NEW}, precision, cols.image)
 
     def images_of(self, ids: np.ndarray) -> pa.Table:
@@ -154,7 +155,7 @@ class RefillFn:
 
 
 def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", input: str | None = None,
-               output: str | None = None) -> filemap.FileJob:
+               output: str | None = None) -> FileJob:
     """The refill of the backfilled gallery (default embeddings/fct/{split}) into embeddings/refill/{split}
     (or `input` / `output` URIs): the fraction `budget` with the highest uncertainty re-extracted by
     models/new from images/{split}. Checked before any work: the gallery has the uncertainty column, and
@@ -186,7 +187,7 @@ def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", in
         cols.uncertainty: prod[cols.uncertainty],
         "reextracted": {"dim": 0, "type": "bool", "what": f"true: models/{NEW}'s embedding of the image; false: h's"}}
     log.info("[refill] re-extracting %d of %d rows (budget %.3f) of %s", k, manifest["rows"], budget, store.uri(in_dir))
-    return filemap.FileJob(
+    return FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir,
         rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, REFILL, split),
         expected={cols.id: pa.int64(), cols.out: prod[cols.out]["dim"], cols.uncertainty: pa.float32()},
@@ -199,4 +200,5 @@ def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", in
 def refill(cfg: Config, store: Store, budget: float | None = None, split: str = "test", input: str | None = None,
            output: str | None = None) -> dict:
     """Re-extract the `budget` (default refill.budget) most uncertain rows of the gallery; see refill_job."""
-    return run(cfg, refill_job(cfg, store, cfg.refill.budget if budget is None else budget, split, input, output))
+    job = refill_job(cfg, store, cfg.refill.budget if budget is None else budget, split, input, output)
+    return filemap.run(job, distribute.of(cfg, cfg.extract))
