@@ -40,7 +40,7 @@ from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX, 
 
 from ..config import ConfigError, from_dict
 from ..storage import Store, StorageError
-from . import registry
+from .artefact import ArtefactError, save_bytes
 
 KIND = "exported"
 FILE = "model.pt2"
@@ -108,22 +108,22 @@ def check_archive(data: bytes, where: str) -> None:
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise registry.ArtefactError(f"{where}: not a .pt2 archive; export the model with torch.export.save") from None
+        raise ArtefactError(f"{where}: not a .pt2 archive; export the model with torch.export.save") from None
     names = z.namelist()
     if not any(n.endswith(".json") and "/models/" in n for n in names):
-        raise registry.ArtefactError(f"{where}: no exported program in the archive; export the model with "
+        raise ArtefactError(f"{where}: no exported program in the archive; export the model with "
                                      "torch.export.save")
     for n in names:
         if n.endswith(("_weights_config.json", "_constants_config.json")):
             for fqn, entry in json.loads(z.read(n)).get("config", {}).items():
                 if entry.get("use_pickle") or not entry.get("path_name", "").startswith(PLAIN):
-                    raise registry.ArtefactError(f"{where}: {fqn} is stored as a pickled object; refused (a model "
+                    raise ArtefactError(f"{where}: {fqn} is stored as a pickled object; refused (a model "
                                                  "file must hold plain tensors)")
         elif "/data/sample_inputs/" in n:
             try:
                 torch.load(io.BytesIO(z.read(n)), weights_only=True)
             except Exception:  # noqa: BLE001 - anything weights_only cannot read is refused
-                raise registry.ArtefactError(f"{where}: its sample inputs are not plain tensors; refused") from None
+                raise ArtefactError(f"{where}: its sample inputs are not plain tensors; refused") from None
 
 
 def input_shape(program: torch.export.ExportedProgram) -> tuple:
@@ -141,21 +141,21 @@ def module(data: bytes, card: ModelCard, where: str) -> Exported:
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - the deserializer raises many types for a bad archive
-        raise registry.ArtefactError(f"{where}: not a loadable exported program ({type(e).__name__}: {e})") from None
+        raise ArtefactError(f"{where}: not a loadable exported program ({type(e).__name__}: {e})") from None
     want = (card.channels, card.input_size, card.input_size)
     got = input_shape(program)
     if len(got) != 4 or any(g is not None and g != w for g, w in zip(got[1:], want)):
         shown = "x".join("N" if g is None else str(g) for g in got)
-        raise registry.ArtefactError(f"{where}: takes input of shape {shown}; its card describes images of shape "
+        raise ArtefactError(f"{where}: takes input of shape {shown}; its card describes images of shape "
                                      f"Nx{want[0]}x{want[1]}x{want[2]} (channels, input_size)")
     if got[0] is not None:
-        raise registry.ArtefactError(f"{where}: exported for batches of exactly {got[0]}; export it with a dynamic "
+        raise ArtefactError(f"{where}: exported for batches of exactly {got[0]}; export it with a dynamic "
                                      "batch dim (dynamic_shapes=({0: torch.export.Dim('batch')},))")
     wrapped = Exported(program.module(), card)
     with torch.no_grad():
         out = wrapped(torch.zeros((2, *want), dtype=torch.uint8))
     if tuple(out.shape) != (2, card.output_dim):
-        raise registry.ArtefactError(f"{where}: outputs shape {tuple(out.shape[1:])} per image; its card says "
+        raise ArtefactError(f"{where}: outputs shape {tuple(out.shape[1:])} per image; its card says "
                                      f"output_dim {card.output_dim}")
     return wrapped
 
@@ -179,8 +179,8 @@ def import_model(store: Store, name: str, file: str, card_file: str | None = Non
     data = read_user_file(store, file)
     sha = hashlib.sha256(data).hexdigest()
     if card.sha256 and card.sha256.lower() != sha:
-        raise registry.ArtefactError(f"{file}: SHA-256 {sha} does not match its card's sha256 {card.sha256}")
+        raise ArtefactError(f"{file}: SHA-256 {sha} does not match its card's sha256 {card.sha256}")
     module(data, card, file)
     meta = {"kind": KIND, "file": FILE, "card": dataclasses.asdict(card), "dims": {"emb": card.output_dim},
             "preprocess": card.preprocess(), "source": file, "has_classifier": False}
-    return registry.save_bytes(store, name, data, meta, key=sha)
+    return save_bytes(store, name, data, meta, key=sha)

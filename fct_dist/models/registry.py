@@ -8,24 +8,17 @@ card; it is hash-verified the same way."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import time
 
 import torch
 import torch.nn as nn
 
 from .. import currency, layout
 from ..storage import Store
+from . import exported
+from .artefact import META, ArtefactError, read_meta, read_verified, save_bytes
 from .backbone import Classifier, ClassifierConfig, ResNet, ResNetConfig
 from .transformation import Transformation, TransformationConfig
-
-META = "meta.json"
-
-
-class ArtefactError(ValueError):
-    """A missing, tampered or mismatching model artefact."""
-
 
 def arch_config(kind: str, arch: dict) -> ClassifierConfig | ResNetConfig | TransformationConfig:
     """The typed config of the `arch` recorded in meta.json for an artefact of this kind."""
@@ -70,22 +63,6 @@ def save(store: Store, name: str, module: nn.Module, meta: dict, key: str) -> di
         "arch": dataclasses.asdict(meta["arch"]), "params": sum(p.numel() for p in module.parameters())}, key)
 
 
-def save_bytes(store: Store, name: str, data: bytes, meta: dict, key: str) -> dict:
-    """Write the artefact's file (meta["file"], default model.pt), then meta.json with its version."""
-    meta = meta | {"name": name, "version": hashlib.sha256(data).hexdigest()[:16],
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    directory = layout.model(store, name)
-    store.write_bytes(f"{directory}/{meta.get('file', 'model.pt')}", data)
-    return currency.commit(store, directory, key, meta, META)
-
-
-def read_meta(store: Store, name: str) -> dict:
-    directory = layout.model(store, name)
-    if not store.exists(f"{directory}/{META}"):
-        raise ArtefactError(f"model artefact {store.uri(directory)} not found: train it first (fct train-...)")
-    return store.read_json(f"{directory}/{META}")
-
-
 def check(meta: dict, expect: dict, where: str) -> None:
     """Each key of `expect` must equal the meta's value (dotted keys reach into nested dicts)."""
     for key, want in expect.items():
@@ -99,23 +76,16 @@ def check(meta: dict, expect: dict, where: str) -> None:
 def load(store: Store, name: str, expect: dict | None = None) -> tuple[nn.Module, dict]:
     """Load models/{name}: verify its hash and expected meta, rebuild it, load weights (weights_only)."""
     meta = read_meta(store, name)
-    directory = layout.model(store, name)
-    where = store.uri(directory)
-    check(meta, expect or {}, where)
-    file = meta.get("file", "model.pt")
-    data = store.read_bytes(f"{directory}/{file}")
-    if hashlib.sha256(data).hexdigest()[:16] != meta["version"]:
-        raise ArtefactError(f"{where}/{file}: hash does not match meta version {meta['version']} "
-                            "(tampered or partly written artefact)")
-    if meta["kind"] == "exported":  # a team's exported model (exported.py builds on this module)
-        from . import exported
+    check(meta, expect or {}, store.uri(layout.model(store, name)))
+    data, where = read_verified(store, name, meta)
+    if meta["kind"] == "exported":  # a team's exported model
         card = exported.ModelCard(**meta["card"])
-        return exported.module(data, card, f"{where}/{file} ({card.name} {card.version})"), meta
+        return exported.module(data, card, f"{where} ({card.name} {card.version})"), meta
     module = build(meta["kind"], meta["arch"])
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:  # shapes or names that do not match the recorded arch
-        raise ArtefactError(f"{where}/model.pt: weights do not fit the recorded architecture {meta['arch']} "
+        raise ArtefactError(f"{where}: weights do not fit the recorded architecture {meta['arch']} "
                             f"({str(e).splitlines()[0]})") from None
     return module.eval(), meta
