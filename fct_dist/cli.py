@@ -12,7 +12,7 @@ from . import config as config_mod
 from . import runtime
 from .config import Config, ConfigError
 from .lake import LakeError
-from .models.registry import ArtefactError
+from .models.artefact import ArtefactError
 from .storage import Store, StorageError, open_store
 
 # The project's own errors (and a missing file named on the command line): one line, exit 2. Anything
@@ -117,11 +117,11 @@ def _gc(cfg: Config, store: Store, a) -> None:
 
 def _bench(cfg: Config, store: Store, a) -> None:
     if a.profile == "scale":
-        from . import bench_scale
-        bench_scale.run(cfg, store)
+        from .bench import scale
+        scale.run(cfg, store)
     else:
-        from . import bench
-        bench.run(cfg, store)
+        from .bench import profiles
+        profiles.run(cfg, store)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from fct_dist import config, fixtures, lake
+from fct_dist import config, lake
+from fct_dist.bench import fixtures
 from fct_dist.config import Config
 from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract

@@ -31,7 +31,8 @@ import numpy as np
 import ray
 from moto.server import ThreadedMotoServer
 
-from fct_dist import config, fixtures
+from fct_dist import config
+from fct_dist.bench import fixtures
 from fct_dist.lease import LEASE, machine
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store

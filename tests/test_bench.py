@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fct_dist import bench, fixtures, lake
+from fct_dist import lake
+from fct_dist.bench import fixtures, profiles as bench
 from fct_dist.config import Projection
-from fct_dist.projection import project
+from fct_dist.bench.projection import project
 from fct_dist.storage import open_store
 
 from .support import read_output
@@ -94,7 +95,7 @@ def test_scale_profile_backfills_indexes_and_measures_recall_against_exact_searc
     """`fct bench --profile scale` in tiny mode. At nprobe = nlist an IVF-Flat search is exhaustive,
     so its recall must be exactly 1: a wrong id mapping in the index, the streamed ground truth or
     the recall count fails it; fewer lists probed find less."""
-    from fct_dist import bench_scale
+    from fct_dist.bench import scale as bench_scale
     cfg = local_cfg("bench.scale.rows=[1500,3000]", "bench.scale.rows_per_file=500", "bench.scale.queries=40",
                     "bench.scale.nprobe=[1,16]", "bench.scale.clusters=20", "index.factory=IVF16,Flat",
                     "index.num_shards=3")
@@ -135,7 +136,7 @@ def test_usage_catches_a_memory_spike_between_samples():
     counted (sampled RSS would miss it), and the next measurement starts afresh."""
     import time
 
-    from fct_dist.measure import Usage
+    from fct_dist.bench.measure import Usage
     with Usage(interval=30) as quiet:
         time.sleep(0.2)
     with Usage(interval=30) as spike:

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import psutil
 import torch
 
-from . import lake
-from .config import Columns
-from .models import registry
-from .pipeline.backfill import TransformFn
-from .storage import Store
+from .. import lake
+from ..config import Columns
+from ..models import registry
+from ..pipeline.backfill import TransformFn
+from ..storage import Store
 
 
 def high_water_mark(p: psutil.Process, rss: int) -> int:

@@ -2,7 +2,7 @@
 vectors) in each vector layout fct accepts, read and turned into float32 matrices by the reader the
 backfill uses (`lake.vectors`), on one core, best of 5.
 
-    taskset -c 0 .venv/bin/python tools/vector_layout_reads.py [--rows 100000] [--dim 128]
+    taskset -c 0 .venv/bin/python -m fct_dist.bench.tools.vector_layout_reads [--rows 100000] [--dim 128]
 """
 from __future__ import annotations
 

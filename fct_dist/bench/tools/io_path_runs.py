@@ -3,7 +3,7 @@ with a transform that writes each row's stored `old` vector) through Ray on the 
 a `fct bench` run left under its root. Used to weigh the levers on the commit's cost (the fsync of each
 output file): run it, change the code, run it again.
 
-    .venv/bin/python tools/io_path_runs.py --root /tmp/bench-new --rows 500000 --rows-per-file 50000
+    .venv/bin/python -m fct_dist.bench.tools.io_path_runs --root /tmp/bench-new --rows 500000 --rows-per-file 50000
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import argparse
 import logging
 import statistics
 
-from fct_dist import bench, config, fixtures
-from fct_dist.bench_report import IO_JOB
+from fct_dist import config
+from fct_dist.bench import fixtures, profiles as bench
+from fct_dist.bench.report import IO_JOB
 from fct_dist.runtime import init_ray, setup_logging
 from fct_dist.storage import open_store
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
-from . import layout, report
-from .storage import Store
+from .. import layout, report as reports
+from ..storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +13,7 @@ IO_JOB = "backfill, zero-cost transform"
 
 
 def plot_throughput(r: dict) -> bytes:
-    fig, ax = report.figure((10, 4.5))
+    fig, ax = reports.figure((10, 4.5))
     labels, x = [], 0
     for name, prof in r["profiles"].items():
         for job in [j for j in ("backfill", IO_JOB, "re-extraction") if j in prof]:
@@ -29,12 +29,12 @@ def plot_throughput(r: dict) -> bytes:
            title=f"backfill vs re-extraction, {r['machine']['cores']} cores"
            + (f", {r['machine']['gpu']}" if r["gpu_used"] else ", CPU only"))
     ax.legend()
-    return report.png(fig)
+    return reports.png(fig)
 
 
 def plot_by_size(runs: list[dict], title: str, memory: dict[str, str]) -> bytes:
     """Steady rows/s and peak memory (GB) by lake size; `memory` maps a run's key to its label."""
-    fig, ax = report.figure((6.5, 4))
+    fig, ax = reports.figure((6.5, 4))
     sizes = [r["rows"] for r in runs]
     ax.plot(sizes, [r["items_per_second"] for r in runs], "o-", label="rows/s (steady)")
     ax.set(xscale="log", xlabel="lake rows", ylabel="rows / s", title=title)
@@ -45,7 +45,7 @@ def plot_by_size(runs: list[dict], title: str, memory: dict[str, str]) -> bytes:
     ax2.set(ylabel="GB")
     ax2.set_ylim(bottom=0)
     legend(ax, ax2, "lower right")
-    return report.png(fig)
+    return reports.png(fig)
 
 
 def legend(ax, ax2, loc: str) -> None:

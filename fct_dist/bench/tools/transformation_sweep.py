@@ -3,7 +3,7 @@ features (a copy of the models, images and features of a finished `make demo` ro
 untouched), then new/FCT top-1 and mAP over all test queries and the backfill curve's AUC per order
 (eval.curve_queries queries), printed as one JSON line.
 
-    .venv/bin/python tools/transformation_sweep.py w003 train.transformation.classification_weight=0.03 \\
+    .venv/bin/python -m fct_dist.bench.tools.transformation_sweep w003 train.transformation.classification_weight=0.03 \\
         [--root ./fct-data] [--work /tmp/sweep]
 """
 from __future__ import annotations

@@ -23,17 +23,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from . import lake, layout, report
-from .bench import backfill_job, engine_run, on, pool_gpus
-from .bench_report import legend, plot_by_size, write
-from .config import Config
+from .. import lake, layout, report
+from .profiles import backfill_job, engine_run, on, pool_gpus
+from .report import legend, plot_by_size, write
+from ..config import Config
 from .fixtures import Clustered, save_transformation, stored_lake
-from .layout import FCT
+from ..layout import FCT
 from .measure import Usage, measured
-from .models import registry
-from .pipeline import index
-from .runtime import gpus_available, init_ray, machine
-from .storage import MANIFEST, Store
+from ..models import registry
+from ..pipeline import index
+from ..runtime import gpus_available, init_ray, machine
+from ..storage import MANIFEST, Store
 
 log = logging.getLogger(__name__)
 DIMS = {"old": 128, "side": 128, "new": 128}  # production bytes per row

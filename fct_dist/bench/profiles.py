@@ -30,19 +30,19 @@ import pyarrow as pa
 import ray
 import torch
 
-from . import lake, layout
-from .bench_report import IO_JOB, plot_by_size, plot_throughput, render, write
-from .config import Actors, Config
+from .. import lake, layout
+from .report import IO_JOB, plot_by_size, plot_throughput, render, write
+from ..config import Actors, Config
 from .fixtures import IMAGE_SPLIT, Profile, image_lake, profiles, save_models, stored_lake
-from .lake import LakeError
-from .layout import FCT, NEW, STORED
+from ..lake import LakeError
+from ..layout import FCT, NEW, STORED
 from .measure import (ZeroCost, compute_only, measured, median_run, plain_copy, same_output,
                       same_output_as_old)
-from .pipeline import backfill, distribute, extract, filemap
-from .pipeline.filejob import FileJob
+from ..pipeline import backfill, distribute, extract, filemap
+from ..pipeline.filejob import FileJob
 from .projection import project
-from .runtime import gpus_available, init_ray, machine
-from .storage import Store
+from ..runtime import gpus_available, init_ray, machine
+from ..storage import Store
 
 log = logging.getLogger(__name__)
 DISTRIBUTORS = ("local", "ray")

@@ -3,7 +3,7 @@
 median per tenth of the run (flat if nothing accumulates) and its kernel high-water mark at the end
 of each tenth (steps up when a file's working set is larger than any before).
 
-    .venv/bin/python tools/worker_memory.py [--lake c25000000]     # after `make scale`
+    .venv/bin/python -m fct_dist.bench.tools.worker_memory [--lake c25000000]     # after `make scale`
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import psutil
 
 from fct_dist import config
-from fct_dist.bench import backfill_job, engine_run, on
-from fct_dist.measure import high_water_mark
+from fct_dist.bench.profiles import backfill_job, engine_run, on
+from fct_dist.bench.measure import high_water_mark
 from fct_dist.runtime import init_ray, setup_logging
 from fct_dist.storage import open_store
 

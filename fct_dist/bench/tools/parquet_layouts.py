@@ -2,7 +2,7 @@
 and read speed and size of one output file's worth of 128-d float vectors under each candidate
 layout, on one core, best of 5.
 
-    taskset -c 0 .venv/bin/python tools/parquet_layouts.py [--rows 200000] [--dim 128]
+    taskset -c 0 .venv/bin/python -m fct_dist.bench.tools.parquet_layouts [--rows 200000] [--dim 128]
 """
 from __future__ import annotations
 

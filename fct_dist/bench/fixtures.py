@@ -15,12 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import currency, lake, layout
-from .config import Config, digest
-from .datasets import synthetic
-from .layout import FCT, NEW, STORED
-from .models import ResNet, ResNetConfig, Transformation, TransformationConfig, registry
-from .storage import Store
+from .. import currency, lake, layout
+from ..config import Config, digest
+from ..datasets import synthetic
+from ..layout import FCT, NEW, STORED
+from ..models import ResNet, ResNetConfig, Transformation, TransformationConfig, registry
+from ..storage import Store
 
 DATA_VERSION = "bench"  # the producer version recorded in (and expected of) the synthetic stored lakes
 IMAGE_SPLIT = "bench"

@@ -3,7 +3,7 @@
 checkpointing, against fct-dist's per-file engine on Ray, on the same stored lake, with the same
 zero-cost transform (so the I/O paths are compared, not h).
 
-    .venv/bin/python tools/ray_data_vs_engine.py [--rows 1000000] [--root /tmp/rd-vs-engine]
+    .venv/bin/python -m fct_dist.bench.tools.ray_data_vs_engine [--rows 1000000] [--root /tmp/rd-vs-engine]
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.checkpoint import CheckpointConfig
 
-from fct_dist import bench, config, fixtures, measure
+from fct_dist import config
+from fct_dist.bench import fixtures, measure, profiles as bench
 from fct_dist.pipeline import distribute, filemap
 from fct_dist.storage import open_store
 

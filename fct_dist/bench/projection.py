@@ -1,7 +1,7 @@
 """The 1B-item projection of `fct bench`: measured per-item costs -> wall time and GPU-hours on K GPUs."""
 from __future__ import annotations
 
-from .config import Projection
+from ..config import Projection
 
 
 def project(pc: Projection, production: dict, gpu: bool) -> dict:
