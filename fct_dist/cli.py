@@ -12,6 +12,7 @@ from . import config as config_mod
 from . import runtime
 from .config import Config, ConfigError
 from .lake import LakeError
+from .layout import OLD
 from .models.artefact import ArtefactError
 from .storage import Store, StorageError, open_store
 
@@ -36,6 +37,9 @@ def _train(stage: str):
         elif stage == "side":
             stages.train_side_info(cfg, store, force=a.force)
         elif stage == "new":
+            if a.bct and stages.bct_needs_old_embeddings(store):  # BCT's class means need them
+                from .pipeline import extract
+                extract.reextract(cfg, store, OLD, "train")
             stages.train_new(cfg, store, bct=a.bct, force=a.force)
         else:
             from .pipeline import extract

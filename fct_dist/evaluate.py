@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import lake, layout
+from . import features, lake, layout
 from .config import Config
 from .layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED, V3
 from .pipeline import index, refill
@@ -101,25 +101,15 @@ def ranking_from_neighbours(nbr_ids: np.ndarray, q_labels: np.ndarray, q_ids: np
 Source = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids (sorted), vectors, labels
 
 
-def split_labels(store: Store, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted, labels) of the split's images: the ground truth of every case."""
-    t = lake.read_lake(store, layout.images(store, split), {"id": pa.int64(), "label": pa.int32()},
-                       columns=["id", "label"]).sort_by("id")
-    return t["id"].to_numpy(), t["label"].to_numpy()
-
-
-def load_source(store: Store, model: str, split: str, truth: tuple[np.ndarray, np.ndarray]) -> Source:
-    """One model's embeddings of `split` with each row's label from `truth` (see split_labels)."""
+def load_source(store: Store, model: str, split: str, truth: features.Truth) -> Source:
+    """One model's embeddings of `split` with each row's label from `truth` (features.split_truth)."""
     name, col = SOURCES[model]
     directory = layout.embeddings(store, name, split)
     store.manifest(directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
-    ids, (all_ids, labels) = t["id"].to_numpy(), truth
-    pos, found = lake.find(all_ids, ids)
-    if not found.all():
-        raise lake.LakeError(f"{store.uri(directory)}: id {int(ids[~found][0])} ({int((~found).sum())} ids) not found "
-                             f"in images/{split}: the lakes are from different data")
-    return ids, lake.to_numpy(t[col]), labels[pos]
+    ids = t["id"].to_numpy()
+    labels = features.labels_of(ids, truth, store.uri(layout.images(store, split)), f"rows of {store.uri(directory)}")
+    return ids, lake.to_numpy(t[col]), labels
 
 
 def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str, Source]) -> dict:
@@ -235,7 +225,7 @@ def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None 
     their AUC (the mean over the points, as FastFill reports it). With `fct refill`'s lake present, the
     same queries against it too."""
     split = cfg.eval.split
-    truth = truth or split_labels(store, split)
+    truth = truth or features.split_truth(store, split)
     sources = sources or {m: load_source(store, m, split, truth) for m in (NEW, FCT)}
     (ids, new, labels), (h_ids, h, _) = sources[NEW], sources[FCT]
     if not np.array_equal(ids, h_ids):
@@ -284,7 +274,7 @@ def matrix(cfg: Config, store: Store) -> dict:
     split = cfg.eval.split
     present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(layout.embeddings(store, name, split))}
     pairs = [(q, g) for q, g in CASES if q in present and g in present]
-    truth = split_labels(store, split)
+    truth = features.split_truth(store, split)
     sources = {m: load_source(store, m, split, truth) for m in {m for pair in pairs for m in pair}}
     cases = [case(cfg, store, q, g, sources) for q, g in pairs]
     indexed = sorted({SOURCES[m][0] for m in present if SOURCES[m][1] == "emb"
@@ -314,16 +304,15 @@ def features_matrix(cfg: Config, store: Store, uri: str) -> dict:
     trained on this lake (with and without side-info where both exist). Above eval.exact_max_gallery
     items, a seeded sample of that many is ranked (said in the result)."""
     from .models import registry
-    from .train.stages import features_lake, read_features
-    f = features_lake(cfg, store, uri)
+    f = features.open_lake(cfg, store, uri)
     label = cfg.columns.label
-    if lake.read_schema(store, lake.parts(store, f.test)[0]).get_field_index(label) < 0:
+    if not features.has_column(store, f.test, label):
         log.warning("%s has no label column %r: nothing to evaluate (set columns.label)", store.uri(f.test), label)
         return {"cases": [], "skipped": f"no label column {label!r}"}
-    x = read_features(store, f.test, f.columns, f.dims)
-    t = lake.read_lake(store, f.test, {f.columns["id"]: pa.int64()}, columns=[f.columns["id"], label],
-                       id_col=f.columns["id"])
-    ids, labels = t[f.columns["id"]].to_numpy(), t[label].to_numpy()
+    x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
+    ids = x["id"].numpy()
+    labels = features.labels_of(ids, features.truth(store, f.test, f.columns["id"], label), store.uri(f.test), "rows",
+                                label)
     keep = np.arange(len(ids))
     if len(ids) > cfg.eval.exact_max_gallery:
         keep = np.sort(np.random.default_rng(0).choice(len(ids), cfg.eval.exact_max_gallery, replace=False))

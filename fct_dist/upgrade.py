@@ -55,6 +55,9 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     step("train the side-info model", stages.train_side_info, cfg, store, force=force)
     step(f"extract the stored lake (old, side) of {split}", extract.stored, cfg, store, split)
     step("train the new model", stages.train_new, cfg, store, force=force)
+    if stages.bct_needs_old_embeddings(store):
+        step("extract the old model's embeddings of train (BCT's class means)", extract.reextract, cfg, store, OLD,
+             "train")
     step("train BCT's new model (baseline)", stages.train_new, cfg, store, bct=True, force=force)
     for s in layout.SPLITS:
         step(f"extract the transformation's features (old, side, new) of {s}", extract.features, cfg, store, s)

@@ -12,12 +12,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import evaluate, lake, losses
+from fct_dist import evaluate, features, lake, losses
 from fct_dist.models import registry
 from fct_dist.pipeline import refill
 from fct_dist.storage import open_store
 
-from .support import copy_tree, kill_session, wait_for_files
+from .support import copy_tree
+from .harness.kill import kill_session, wait_for_files
 
 
 def test_the_loss_equals_a_hand_computed_case():
@@ -143,7 +144,7 @@ def test_a_killed_refill_resumes_exactly_once(ray_local, trained, local_cfg):
 def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     cfg, store, _ = trained
     curve = evaluate.backfill_curve(cfg, store)
-    truth = evaluate.split_labels(store, "test")
+    truth = features.split_truth(store, "test")
     (ids, new, labels), (_, h, _) = (evaluate.load_source(store, m, "test", truth) for m in ("new", "fct"))
     q = np.sort(np.random.default_rng(1).choice(len(ids), curve["queries"], replace=False))
     for f, g in ((0, h), (-1, new)):
@@ -160,14 +161,14 @@ def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
 def test_labels_map_ids_to_the_classifiers_classes_and_name_what_is_missing(local_cfg):
     """The id -> class join behind the classifier's CE: a wrong index, an id read as another's label, or a
     missing id or unknown class passed over silently would each fail a line here."""
-    from fct_dist.train.loop import Labels
+    from fct_dist.features import Labels
     store = open_store(local_cfg().storage)
     directory = store.path("labels")
     lake.write_part(store, f"{directory}/{lake.part_name(0)}",
                     pa.table({"id": pa.array([5, 1, 3, 9], pa.int64()), "label": pa.array([2, 7, 2, 4], pa.int32())}))
     labels = Labels(directory, "id", "label", [2, 4, 7])
     assert labels.targets(store, np.array([1, 3, 9, 5])).tolist() == [2, 0, 1, 0]
-    with pytest.raises(lake.LakeError, match=r"no 'label' for id 4 \(1 feature rows without a label\)"):
+    with pytest.raises(lake.LakeError, match=r"no 'label' for id 4 \(1 feature rows without a label"):
         labels.targets(store, np.array([1, 4, 5]))
     narrow = Labels(directory, "id", "label", [2, 4])
     with pytest.raises(lake.LakeError, match=r"id 1 has label 7, a class the new model's classifier does not have"):

@@ -252,6 +252,9 @@ def test_bct_with_an_old_model_without_classifier_uses_its_class_means(tmp_path,
     export(tmp_path / "old.pt2", old, card("team-old", 8, channels=1, mean=[0.5], std=[0.25]))
     run = ["--preset", "tiny", "--set", f"storage.root={root}", "--set", "train.num_workers=0"]
     assert cli.main(["import-model", *run, "--name", "old", "--file", str(tmp_path / "old.pt2")]) == 0
+    with pytest.raises(lake.LakeError, match=r"needs the old model's embeddings of the train split.*fct extract"):
+        stages.old_classifier(cfg, store)  # no extract as a side effect: the caller runs it
+    assert cli.main(["extract", *run, "--model", "emb=old", "--split", "train"]) == 0  # the command the error names
     classes, weight, meta = stages.old_classifier(cfg, store)
     _, x, y = lake.read_images(store, "train")
     with torch.no_grad():

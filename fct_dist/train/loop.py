@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch
@@ -23,7 +22,7 @@ import torch.nn as nn
 from ray.train.v2.api.context import LocalTrainContext
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from .. import lake, losses
+from .. import features, lake, losses
 from ..config import Optim
 from ..models import (Classifier, ClassifierConfig, ResNetConfig, SimCLR, SimCLRConfig, Transformation,
                       TransformationConfig)
@@ -110,51 +109,6 @@ class SimCLRTask(ImageTask):
         return losses.nt_xent(model(augment.view(x)), model(augment.view(x)), self.opt.temperature)
 
 
-def read_features(store: Store, directory: str, columns: dict[str, str], dims: dict[str, int],
-                  with_ids: bool = False) -> dict[str, torch.Tensor]:
-    """{role: (n, d) float32} of a features lake; `columns` maps id, old, new (and side) to column names.
-    Without side-info, `side` is `old` (the no-side transformation feeds old into both branches).
-    With `with_ids`, also "id": (n,) int64."""
-    vec = {r: c for r, c in columns.items() if r != "id"}
-    t = lake.read_lake(store, directory, {columns["id"]: pa.int64()} | {c: dims[r] for r, c in vec.items()},
-                       columns=[columns["id"], *vec.values()], id_col=columns["id"])
-    x = {r: torch.from_numpy(lake.to_numpy(t[c])) for r, c in vec.items()}
-    ids = {"id": torch.from_numpy(t[columns["id"]].to_numpy())} if with_ids else {}
-    return x | {"side": x.get("side", x["old"])} | ids
-
-
-@dataclass(frozen=True)
-class Labels:
-    """Where the class of each feature row is read: a lake with (id, label) columns, and the frozen new
-    classifier's classes (its output i is class classes[i])."""
-    directory: str
-    id_col: str
-    label_col: str
-    classes: list[int]
-    ignore_unknown: bool = False  # a class the classifier lacks: -100 (cross_entropy's ignore_index), not an error
-
-    def targets(self, store: Store, ids: np.ndarray) -> np.ndarray:
-        """The classifier index of each id's label; an id without a label is an error naming it, and so is
-        one of a class the classifier lacks unless `ignore_unknown`."""
-        t = lake.read_lake(store, self.directory, {self.id_col: pa.int64()}, columns=[self.id_col, self.label_col],
-                           id_col=self.id_col).sort_by(self.id_col)
-        known, labels = t[self.id_col].to_numpy(), t[self.label_col].to_numpy()
-        pos, found = lake.find(known, ids)
-        missing = ~found
-        if missing.any():
-            raise lake.LakeError(f"{store.uri(self.directory)}: no {self.label_col!r} for id {int(ids[missing][0])} "
-                                 f"({int(missing.sum())} feature rows without a label)")
-        classes = np.asarray(self.classes)
-        idx = np.searchsorted(classes, labels[pos]).clip(max=len(classes) - 1)
-        if self.ignore_unknown:
-            return np.where(classes[idx] == labels[pos], idx, -100).astype(np.int64)
-        if (classes[idx] != labels[pos]).any():
-            bad = int(np.flatnonzero(classes[idx] != labels[pos])[0])
-            raise lake.LakeError(f"{store.uri(self.directory)}: id {int(ids[bad])} has label {int(labels[pos][bad])}, "
-                                 f"a class the new model's classifier does not have ({self.classes})")
-        return idx.astype(np.int64)
-
-
 @dataclass
 class TransformationTask(Task):
     """h(old, side) -> new by MSE; with a classifier, plus its label-smoothed CE on h's output; with an
@@ -164,11 +118,11 @@ class TransformationTask(Task):
     columns: dict = None  # role (id, old, side, new) -> column name
     arch: TransformationConfig = None
     classifier: torch.Tensor | None = None  # the frozen new model's classifier weight (classes, new_dim)
-    labels: Labels | None = None  # with `classifier`: where each row's class is read
+    labels: features.Labels | None = None  # with `classifier`: where each row's class is read
 
     def dataset(self) -> TensorDataset:
         a = self.arch
-        x = read_features(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim},
+        x = features.read(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim},
                           with_ids=True)
         y = self.labels.targets(self.store, x["id"].numpy()) if self.labels else np.zeros(len(x["id"]), np.int64)
         return TensorDataset(x["old"], x["side"], x["new"], torch.from_numpy(y))

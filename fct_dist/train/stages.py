@@ -17,14 +17,14 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 
-from .. import lake, layout
-from ..config import Columns, Config, ConfigError, digest
+from .. import features as feature_lakes, lake, layout
+from ..config import Config, ConfigError, digest
 from ..datasets import old_classes
 from ..lake import LakeError
-from ..layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, FEATURES, FEATURES_V3, NEW, OLD, SIDE, V3
+from ..layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, FEATURES_V3, NEW, OLD, SIDE, V3
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
-from .loop import BctTask, ClassifierTask, Labels, SimCLRTask, Task, TransformationTask, read_features
+from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask
 from .trainer import fit
 
 log = logging.getLogger(__name__)
@@ -109,28 +109,30 @@ def train_side_info(cfg: Config, store: Store, force: bool = False) -> dict:
     return _run(cfg, store, SIDE, key, task, meta, force, lambda m: (m.backbone, {}))
 
 
+def bct_needs_old_embeddings(store: Store) -> bool:
+    """BCT with an old model without a classifier reads the old model's embeddings of the train split."""
+    return registry.read_meta(store, OLD)["kind"] != "classifier"
+
+
 def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, dict]:
     """(classes, weight (k, d), meta) of the old model's classifier, for BCT's influence loss. An old
-    model without one (a team's exported embedder) gets the class means of its train-split embeddings,
-    BCT's own rule for the classes an old classifier lacks."""
+    model without one (a team's exported embedder) gets the class means of its embeddings of the train
+    split (embeddings/old/train, which the caller extracts first), BCT's own rule for the classes an old
+    classifier lacks."""
     module, meta = registry.load(store, OLD)
     if meta["kind"] == "classifier":
         return meta["classes"], module.fc.weight.detach().clone(), meta
     log.warning("[bct] the old model %s has no classifier: BCT's influence loss uses the class means of its "
                 "embeddings of the train split", meta.get("card", {}).get("name", OLD))
-    from ..pipeline import extract
-    extract.extract(cfg, store, "train", {"emb": OLD}, OLD)
-    emb = lake.read_lake(store, layout.embeddings(store, OLD, "train"), {"id": pa.int64()}).sort_by("id")
-    truth = lake.read_lake(store, layout.images(store, "train"), {"id": pa.int64(), "label": pa.int32()},
-                           columns=["id", "label"]).sort_by("id")
-    ids = emb["id"].to_numpy()
-    pos, found = lake.find(truth["id"].to_numpy(), ids)
-    if not found.all():
-        raise lake.LakeError(f"{store.uri(layout.embeddings(store, OLD, 'train'))}: id {int(ids[~found][0])} has no "
-                             f"label in {store.uri(layout.images(store, 'train'))}")
-    y = truth["label"].to_numpy()[pos]
-    x, classes = lake.to_numpy(emb["emb"]), sorted(int(c) for c in np.unique(y))
-    return classes, torch.from_numpy(np.stack([x[y == c].mean(0) for c in classes])), meta
+    directory = layout.embeddings(store, OLD, "train")
+    if not store.has_manifest(directory):
+        raise LakeError(f"{store.uri(directory)}: BCT needs the old model's embeddings of the train split (the old "
+                        f"model has no classifier); extract them first (fct extract --model emb=old --split train)")
+    emb = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")
+    y = feature_lakes.labels_of(emb["id"].to_numpy(), feature_lakes.split_truth(store, "train"),
+                                store.uri(layout.images(store, "train")), f"rows of {store.uri(directory)}")
+    classes, means = feature_lakes.class_means(lake.to_numpy(emb["emb"]), y)
+    return classes, means, meta
 
 
 def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False, name: str = NEW) -> dict:
@@ -179,49 +181,12 @@ def second_upgrades() -> dict[str, Upgrade]:
             DIRECT: Upgrade(DIRECT, FEATURES_V3, {"old": "old", "side": "side", "new": V3}, V3)}
 
 
-@dataclass(frozen=True)
-class Features:
-    """A features lake: train and test splits with id, old, new and (optionally) side vectors."""
-    train: str
-    test: str
-    columns: dict  # role (id, old, side, new) -> column name; no "side" when the lake has none
-    dims: dict  # role -> dim
-    versions: dict  # role -> the embedding space (model version) of its column (None when the lake does not say)
-    key: str  # what the lake is (both splits' identities and the columns read)
-
-
-def features_lake(cfg: Config, store: Store, uri: str | None = None, name: str = FEATURES,
-                  roles: dict[str, str] | None = None) -> Features:
-    """The features fct extracted (embeddings/{name}/{split}, columns by role: `roles` or old, side, new)
-    or, with `uri`, any lake at URI/train and URI/test read with the `columns` names (labels optional,
-    side-info optional)."""
-    if uri is None:
-        dirs, cols = [layout.embeddings(store, name, s) for s in ("train", "test")], Columns()
-        for d, split in zip(dirs, ("train", "test")):
-            if not store.has_manifest(d):
-                raise LakeError(f"{store.uri(d)}: no finished feature lake; extract it first (fct extract --model old "
-                                f"--model side --model new --name {name} --split {split})")
-    else:
-        dirs, cols = [f"{store.resolve(uri)}/{s}" for s in ("train", "test")], cfg.columns
-    roles = roles or {"old": cols.old, "side": cols.side, "new": cols.new}
-    dims = {r: d for r, d in zip(roles, lake.column_dims(store, dirs[0], roles.values()).values())}
-    for role in ("old", "new"):
-        if dims[role] is None:
-            raise LakeError(f"{store.uri(dirs[0])}: no {role} vector column {roles[role]!r} (set columns.{role})")
-    if dims["side"] is None:
-        del roles["side"], dims["side"]
-    prod = lake.producer_of(lake.read_schema(store, lake.parts(store, dirs[0])[0]))
-    versions = {r: lake.space_of(prod.get(c, {})) for r, c in roles.items()}
-    key = digest([lake.identity(store, d) for d in dirs], roles, cols.id)
-    return Features(*dirs, {"id": cols.id} | roles, dims, versions, key)
-
-
 def train_transformation(cfg: Config, store: Store, use_side: bool = True, force: bool = False,
                          features: str | None = None, upgrade: Upgrade | None = None) -> dict:
     """h(old, side) -> new on a features lake's train split (the extract stage's, or the one at the URI
     `features`); a lake without side-info gets the no-side transformation. `upgrade` names another
     pair of versions of fct's own lakes (v2 -> v3 or v1 -> v3)."""
-    f = features_lake(cfg, store, features, *((upgrade.features, upgrade.roles) if upgrade else ()))
+    f = feature_lakes.open_lake(cfg, store, features, *((upgrade.features, upgrade.roles) if upgrade else ()))
     if use_side and "side" not in f.dims:
         log.warning("[h] %s has no side-info column %r: training FCT's no-side transformation (%s) instead",
                     store.uri(f.train), cfg.columns.side, FCT_NOSIDE)
@@ -231,7 +196,7 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
     dims = {"old": f.dims["old"], "side": f.dims["side"] if use_side else 0, "new": f.dims["new"]}
     t = cfg.models.transformation
     arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side, t.uncertainty)
-    classifier, labels, fc_version = new_classifier(cfg, store, f, features, upgrade.target if upgrade else NEW)
+    classifier, labels, fc_version = new_classifier(cfg, store, f, upgrade.target if upgrade else NEW)
     key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key,
                  fc_version)
     task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch,
@@ -243,8 +208,8 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
                 lambda m: (m, transformation_error(m, store, f.test, columns, dims)))
 
 
-def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None, target: str = NEW
-                   ) -> tuple[torch.Tensor | None, Labels | None, str | None]:
+def new_classifier(cfg: Config, store: Store, f: feature_lakes.Features, target: str = NEW
+                   ) -> tuple[torch.Tensor | None, feature_lakes.Labels | None, str | None]:
     """(weight, labels, version) of the frozen classifier of models/{target} for FastFill's classification
     term, or Nones (MSE only) when its weight is 0, there is no classifier of the features' new version, or
     no labels. Images of classes that classifier was not trained on count by MSE only."""
@@ -254,11 +219,8 @@ def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None, targ
     if meta.get("kind") != "classifier" or f.versions.get("new") != meta["version"]:
         log.warning("[h] no classifier of the new model that made %s: training by MSE only", store.uri(f.train))
         return None, None, None
-    if uri is None:
-        labels = Labels(layout.images(store, "train"), "id", "label", meta["classes"], ignore_unknown=True)
-    elif lake.read_schema(store, lake.parts(store, f.train)[0]).get_field_index(cfg.columns.label) >= 0:
-        labels = Labels(f.train, f.columns["id"], cfg.columns.label, meta["classes"])
-    else:
+    labels = feature_lakes.train_labels(cfg, store, f, meta["classes"])
+    if labels is None:
         log.warning("[h] %s has no label column %r: training by MSE only", store.uri(f.train), cfg.columns.label)
         return None, None, None
     module, _ = registry.load(store, target, {"kind": "classifier"})
@@ -268,7 +230,7 @@ def new_classifier(cfg: Config, store: Store, f: Features, uri: str | None, targ
 @torch.no_grad()
 def transformation_error(h: nn.Module, store: Store, features: str, columns: dict, dims: dict) -> dict:
     """Test MSE of h against the new embeddings, and relative to their variance (1.0 = predicting the mean)."""
-    x = read_features(store, features, columns, dims)
+    x = feature_lakes.read(store, features, columns, dims)
     old, side, new = x["old"], x["side"], x["new"]
     pred = torch.cat([h(old[i:i + 4096], side[i:i + 4096]) for i in range(0, len(old), 4096)])
     mse = float(((pred - new) ** 2).mean())

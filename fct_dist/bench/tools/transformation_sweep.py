@@ -18,12 +18,11 @@ import time
 import numpy as np
 import torch
 
-from fct_dist import config, evaluate
+from fct_dist import config, evaluate, features
 from fct_dist.models import registry
 from fct_dist.runtime import init_ray
 from fct_dist.storage import open_store
 from fct_dist.train import stages
-from fct_dist.train.loop import read_features
 
 
 def main() -> None:
@@ -46,14 +45,14 @@ def main() -> None:
     t0 = time.time()
     stages.train_transformation(cfg, store)
     seconds = time.time() - t0
-    f = stages.features_lake(cfg, store)
-    x = read_features(store, f.test, f.columns, f.dims, with_ids=True)
+    f = features.open_lake(cfg, store)
+    x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
     h, _ = registry.load(store, "fct")
     with torch.no_grad():
         g = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096]) for i in range(0, len(x["old"]), 4096)])
         s = h.log_variance(g).numpy() if h.log_var is not None else None
     ids, new, g = x["id"].numpy(), x["new"].numpy(), g.numpy()
-    truth = evaluate.split_labels(store, "test")
+    truth = features.split_truth(store, "test")
     labels = truth[1][np.searchsorted(truth[0], ids)]
 
     def rank(gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
