@@ -9,7 +9,7 @@ TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
 STAMP   := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install demo test bench scale chaos data clean-data versions
+.PHONY: install demo test test-fast bench scale chaos data clean-data versions
 
 install: $(STAMP)
 
@@ -34,8 +34,13 @@ versions: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
 
+# everything (CI): ~30 min on 2 cores
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+# the tier to run while working: unit and local-engine tests, no S3 server, no trained session, no cluster
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not slow and not s3 and not cluster and not gpu" tests
 
 bench: $(STAMP)
 	$(VENV)/bin/fct bench --config $(CONFIG)
@@ -46,4 +51,4 @@ scale: $(STAMP)
 
 # the fault soak: S3 faults through a proxy, killed actors and drivers, the bad-input table; ends with figures
 chaos: $(STAMP)
-	$(PY) -m tests.chaos --rounds 3
+	$(PY) -m tests.harness.chaos --rounds 3

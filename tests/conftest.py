@@ -1,4 +1,10 @@
-"""Shared fixtures: one local Ray, a real S3 endpoint (moto) on 127.0.0.1, a tiny trained lake."""
+"""Shared fixtures: one local Ray, a real S3 endpoint (moto) on 127.0.0.1, a tiny trained lake.
+
+The tiers are marks (pyproject.toml registers them): a test is `s3` when it reaches the moto server,
+`slow` when it needs the session's three-version upgrade (`trained`) or says so itself, `cluster` when
+it starts Ray nodes or jobs of its own, `gpu` when it needs a GPU. The first two are set here from the
+fixtures a test uses, so a new test lands in the right tier without remembering to. `make test-fast`
+runs what carries none of them."""
 from __future__ import annotations
 
 import os
@@ -48,9 +54,9 @@ def s3_cfg(s3_endpoint):
 
 
 @pytest.fixture(params=["local", "s3"])
-def any_cfg(request, local_cfg, s3_cfg):
-    """The same test on a local folder and on the S3 endpoint."""
-    return local_cfg if request.param == "local" else s3_cfg
+def any_cfg(request):
+    """The same test on a local folder and on the S3 endpoint (the local case never starts moto)."""
+    return request.getfixturevalue(f"{request.param}_cfg")
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +68,17 @@ def trained(tmp_path_factory, ray_local):
     store = open_store(cfg.storage)
     report_dir = upgrade.upgrade(cfg, store)
     return cfg, store, report_dir
+
+
+def pytest_collection_modifyitems(items):
+    import torch
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (cluster/gpu-check.sh runs these on one)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        uses = set(getattr(item, "fixturenames", ()))
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("any_cfg")
+        if uses & {"s3_endpoint", "s3_cfg", "faulty_s3"} or param == "s3":
+            item.add_marker(pytest.mark.s3)
+        if "trained" in uses:
+            item.add_marker(pytest.mark.slow)

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests, the bad-input table and `make chaos`: configs, copies between
-stores, stored lakes written by hand, outputs read back, h applied in plain torch, our processes."""
+"""Helpers shared by the tests and the harness: configs, copies between stores, stored lakes written
+by hand, outputs read back, h applied in plain torch."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -118,19 +117,6 @@ def expected_backfill(store: Store, h_name: str, stored_dir: str) -> tuple[np.nd
     return t["id"].to_numpy(), h_direct(store, h_name, lake.to_numpy(t["old"]), lake.to_numpy(t["side"]))
 
 
-def processes(title: str, root: psutil.Process | None = None) -> list[psutil.Process]:
-    """Our own descendants whose command line contains `title` (Ray sets ray::<Actor> titles)."""
-    root = root or psutil.Process()
-    out = []
-    for p in root.children(recursive=True):
-        try:
-            if title in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
 TINY_DIMS = {"old": 8, "side": 8, "new": 16}
 
 
@@ -148,34 +134,6 @@ def tiny_transformations(store: Store, names: tuple[str, ...] = ("fct", "fct-b")
     return registry.read_meta(store, names[0])
 
 
-def kill_session(proc, seconds: float = 60) -> None:
-    """SIGKILL a process started with start_new_session=True and everything in its session, and wait
-    until none of them is left (a dying Ray worker can otherwise still finish a write)."""
-    import os
-    import signal
-    import time
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        left = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == proc.pid:
-                    left.append(p)
-            except (OSError, psutil.Error):
-                pass
-        if not left:
-            return
-        for p in left:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        time.sleep(0.1)
-    raise TimeoutError(f"processes of session {proc.pid} still alive after {seconds} s")
-
-
 def registered_epoch(checkpoints: Path) -> int:
     """The last epoch whose checkpoint Ray Train's controller has registered under `checkpoints` (a
     state.pt on storage is not enough: a kill before registration makes a rerun start over)."""
@@ -187,11 +145,3 @@ def registered_epoch(checkpoints: Path) -> int:
             continue
         epoch = max(epoch, latest.get("metrics", {}).get("epoch", 0))
     return epoch
-
-
-def wait_for_files(store, out: str, n: int, alive, seconds: float = 120) -> int:
-    """Wait until `out` holds n output files (while `alive()`); the count seen."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and alive() and len(store.list(out, ".parquet")) < n:
-        time.sleep(0.1)
-    return len(store.list(out, ".parquet"))

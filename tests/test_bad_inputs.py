@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from .badinputs import CASES, attempt
+from .harness.badinputs import CASES, attempt
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

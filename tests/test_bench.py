@@ -13,6 +13,7 @@ from fct_dist.storage import open_store
 from .support import read_output
 
 
+@pytest.mark.slow
 def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
     cfg = local_cfg()
     store = open_store(cfg.storage)
@@ -91,6 +92,7 @@ def test_projection_takes_the_slower_of_the_gpus_and_the_object_store():
     assert {(r["per_gpu_rate"], r["rate_source"]) for r in measured} == {(500.0, "measured")}
 
 
+@pytest.mark.slow
 def test_scale_profile_backfills_indexes_and_measures_recall_against_exact_search(ray_local, local_cfg):
     """`fct bench --profile scale` in tiny mode. At nprobe = nlist an IVF-Flat search is exhaustive,
     so its recall must be exactly 1: a wrong id mapping in the index, the streamed ground truth or

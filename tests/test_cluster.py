@@ -83,11 +83,11 @@ def test_every_stage_has_a_job_entrypoint():
 
 @pytest.fixture(scope="module")
 def node_losses(tmp_path_factory) -> Path:
-    """tests/node_loss.py in its own process (a driver joins one cluster only): a head and a worker
+    """tests/harness/node_loss.py in its own process (a driver joins one cluster only): a head and a worker
     node on this machine, the stage's workers on both, the worker node SIGKILLed mid-run; once per
     stage (backfill, index build, training), each with a fresh worker node."""
     root = tmp_path_factory.mktemp("node-loss")
-    proc = subprocess.run([sys.executable, "-m", "tests.node_loss", str(root)], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tests.harness.node_loss", str(root)], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -101,6 +101,8 @@ def node_loss(root: Path, scenario: str) -> tuple[dict, Path]:
     return r, root / scenario
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_a_worker_node_lost_mid_backfill_ends_exactly_once_on_the_rest(node_losses):
     r, root = node_loss(node_losses, "backfill")
     assert r["done_at_kill"] >= 2, r
@@ -111,6 +113,8 @@ def test_a_worker_node_lost_mid_backfill_ends_exactly_once_on_the_rest(node_loss
     np.testing.assert_allclose(emb, want, atol=1e-5)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_a_worker_node_lost_mid_index_build_indexes_every_row_once(node_losses):
     """The lost node's shard tasks rerun on the head (Ray retries a task whose node died); the index
     holds every row of the lake once, with its vector."""
@@ -129,6 +133,8 @@ def test_a_worker_node_lost_mid_index_build_indexes_every_row_once(node_losses):
     np.testing.assert_array_equal(vecs[order], want)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_a_worker_node_lost_mid_training_resumes_from_the_last_checkpoint_on_the_rest(node_losses):
     """One Ray Train worker per node; the worker node is lost once a checkpoint is registered: the
     worker group restarts on the head and continues from that checkpoint (no epoch up to it is

@@ -24,7 +24,7 @@ from fct_dist.lease import LEASE, Lease, LeaseHeld, LeaseLost, machine
 from fct_dist.pipeline import backfill, distribute, filemap
 from fct_dist.storage import Conflict, StorageError, open_store
 
-from .faultproxy import FaultProxy
+from .harness.faultproxy import FaultProxy
 from .support import LOCAL, cli, expected_backfill, holder, id_lake, make_cfg, output_of, read_output, tiny_transformations, write_stored
 
 

@@ -22,8 +22,9 @@ from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 from fct_dist.train import stages
 
-from .faultproxy import KINDS, FaultProxy
-from .support import copy_tree, expected_backfill, id_lake, make_cfg, processes, read_output
+from .harness.faultproxy import KINDS, FaultProxy
+from .support import copy_tree, expected_backfill, id_lake, make_cfg, read_output
+from .harness.kill import processes
 
 ROWS_PER_FILE, FILES = 3000, 40
 

@@ -21,6 +21,7 @@ from fct_dist.storage import open_store
 from .support import copy_tree
 
 ROOT = Path(__file__).parent.parent
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 

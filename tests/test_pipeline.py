@@ -18,7 +18,8 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import open_store
 
-from .support import copy_tree, expected_backfill, id_lake, kill_session, read_output, write_stored, output_of
+from .support import copy_tree, expected_backfill, id_lake, read_output, write_stored, output_of
+from .harness.kill import kill_session
 
 
 @pytest.fixture

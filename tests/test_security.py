@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 from fct_dist.storage import open_store
 
 from .support import copy_tree, make_cfg
-from .faultproxy import FaultProxy
+from .harness.faultproxy import FaultProxy
 
 
 def test_no_credential_value_in_any_log_manifest_report_or_error(trained, s3_endpoint):

@@ -23,8 +23,8 @@ from fct_dist.lease import LEASE, Lease, LeaseHeld, machine
 from fct_dist.pipeline import backfill
 from fct_dist.storage import MANIFEST, open_store
 
-from .support import (LOCAL, cli, committed, expected_backfill, h_direct, holder, id_lake, output_of, processes,
-                      read_output, tiny_transformations, wait_for_files, write_stored)
+from .support import LOCAL, cli, committed, expected_backfill, h_direct, holder, id_lake, output_of, read_output, tiny_transformations, write_stored
+from .harness.kill import processes, wait_for_files
 
 
 def out_dir(store):

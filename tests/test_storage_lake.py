@@ -9,7 +9,7 @@ from fct_dist.datasets import synthetic
 from fct_dist.lake import LakeError
 from fct_dist.storage import StorageError, open_store
 
-from .faultproxy import FaultProxy
+from .harness.faultproxy import FaultProxy
 from .support import make_cfg
 
 

@@ -21,7 +21,7 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import Store, open_store
 
-from .support import write_stored
+from ..support import write_stored
 
 @dataclass
 class Ctx:

@@ -7,10 +7,10 @@ lease while a second run takes over and finishes, then resumed (the finished lak
 byte as committed), and a lease held by a live run in another pid namespace under this host name (it
 must not be taken over until its heartbeat stops). Once: a Ray Train run on S3 through the
 proxy (checkpoints), a worker node of a two-node Ray cluster lost during a backfill, an index build
-and a Ray Train run (tests/node_loss.py), and the bad-input table. Every finished lake is checked id by id with plain
+and a Ray Train run (tests/harness/node_loss.py), and the bad-input table. Every finished lake is checked id by id with plain
 pyarrow (every Parquet file its snapshot lists): rows lost and rows duplicated must be 0.
 
-    python -m tests.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
+    python -m tests.harness.chaos [--rounds 3] [--fraction 0.05] [--out DIR]
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ from fct_dist.storage import open_store
 
 from .badinputs import CASES, attempt
 from .faultproxy import FaultProxy
-from .support import all_ids, cli, committed, holder, kill_session, processes, wait_for_files
+from ..support import all_ids, cli, committed, holder
+from .kill import kill_session, processes, wait_for_files
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "chaos-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "chaos-secret")
@@ -191,13 +192,13 @@ def train_on_faulty_s3(t: Tally, endpoint: str, fraction: float) -> None:
 
 
 def node_loss_round(t: Tally, root: str) -> list[dict]:
-    """tests/node_loss.py's three scenarios (a two-node Ray cluster on this machine, the worker node
+    """tests/harness/node_loss.py's three scenarios (a two-node Ray cluster on this machine, the worker node
     SIGKILLed mid-run): the backfill's lake and the index checked id by id, training by its epochs."""
     import faiss
 
     from . import node_loss
     rows, out = node_loss.FILES * node_loss.ROWS_PER_FILE, []
-    subprocess.run([sys.executable, "-m", "tests.node_loss", f"{root}/node-loss"], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "tests.harness.node_loss", f"{root}/node-loss"], check=True, capture_output=True,
                    timeout=900)
     for scenario in node_loss.SCENARIOS:
         where = f"{root}/node-loss/{scenario}"

@@ -4,7 +4,7 @@ placed on both, then the worker node killed whole (SIGKILL of its raylet; its wo
 Run in its own process by tests/test_cluster.py and by the chaos soak (a driver can join one Ray
 cluster only):
 
-    python -m tests.node_loss ROOT [backfill] [index] [train]   # writes ROOT/{scenario}/result.json
+    python -m tests.harness.node_loss ROOT [backfill] [index] [train]   # writes ROOT/{scenario}/result.json
 
 backfill: the engine's actors; index: the shard-adding Ray tasks of `fct index`; train: Ray Train's
 workers (one per node), killed once a checkpoint is registered.
@@ -29,7 +29,8 @@ from fct_dist.pipeline import backfill, index
 from fct_dist.storage import Store, open_store
 from fct_dist.train import stages
 
-from .support import id_lake, make_cfg, processes, registered_epoch, tiny_transformations
+from ..support import id_lake, make_cfg, registered_epoch, tiny_transformations
+from .kill import processes
 
 FILES, ROWS_PER_FILE, EPOCHS = 40, 3000, 8
 
