@@ -77,8 +77,8 @@ def pytest_collection_modifyitems(items):
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
         uses = set(getattr(item, "fixturenames", ()))
-        param = getattr(getattr(item, "callspec", None), "params", {}).get("any_cfg")
-        if uses & {"s3_endpoint", "s3_cfg", "faulty_s3"} or param == "s3":
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if uses & {"s3_endpoint", "s3_cfg", "faulty_s3"} or "s3" in (params.get("any_cfg"), params.get("where")):
             item.add_marker(pytest.mark.s3)
         if "trained" in uses:
             item.add_marker(pytest.mark.slow)

@@ -32,17 +32,17 @@ def out_dir(store):
 
 
 @pytest.mark.parametrize("where,paused", [("local", "driver"), ("s3", "driver"), ("local", "actor")])
-def test_a_paused_writer_never_touches_the_lake_another_run_finished(where, paused, local_cfg, s3_cfg, s3_endpoint):
+def test_a_paused_writer_never_touches_the_lake_another_run_finished(where, paused, request):
     """Run A (model fct) is SIGSTOPped mid-run past its lease (with `actor`: its Ray actor too); run B
     (fct-b) takes the lease over and commits; A resumes and finishes the file it was writing. The lake
     must stay byte for byte what B committed, A must fail naming the lost lease, and a rerun must verify
     the files before calling the lake current."""
-    cfg = (local_cfg if where == "local" else s3_cfg)()
+    cfg = request.getfixturevalue(f"{where}_cfg")()  # the local cases start no moto
     store = open_store(cfg.storage)
     meta = tiny_transformations(store)
     files = 12
     id_lake(store, store.path("in"), meta, files=files, rows_per_file=2000)
-    endpoint = s3_endpoint if where == "s3" else None
+    endpoint = request.getfixturevalue("s3_endpoint") if where == "s3" else None
     common = ("--input", store.uri(store.path("in")), "--output", store.uri(out_dir(store)),
               "--set", "backfill.lease_seconds=2", "--set", "backfill.gc_grace_seconds=600")
     zombie_args = [*common, "--set", "backfill.batch_size=16", "--model", "fct"]
