@@ -26,10 +26,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fct upgrade --config $(CONFIG)
 
 # three model versions on the demo data in their own root: old (10 classes) -> new (15) -> v3 (all 20),
-# the second upgrade both chained and direct
+# the second upgrade both chained and direct (a longer versions.classes list upgrades further, same code)
 versions: $(STAMP)
-	$(VENV)/bin/fct upgrade --config $(CONFIG) --set storage.root=./fct-data-versions --set versions.third=true \
-		--set versions.new_classes=15
+	$(VENV)/bin/fct upgrade --config $(CONFIG) --set storage.root=./fct-data-versions \
+		--set "versions.classes=[15, null]"
 
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)

@@ -206,9 +206,24 @@ class Refill:
 
 @dataclass
 class Versions:
-    third: bool = False
-    new_classes: Optional[int] = num(None, 1)
+    classes: list[Optional[int]] = field(default_factory=lambda: [None], metadata={"min": 1})
     strategy: Literal["auto", "chained", "direct"] = "auto"
+
+    def __post_init__(self):
+        c = self.classes
+        known = [k for k in c if k is not None]
+        if not c or None in c[:-1] or known != sorted(set(known)):
+            raise ConfigError(f"versions.classes: {c!r}; expected one entry per version after the old one, each "
+                              "knowing more classes than the one before (null = all, last only), e.g. [15, null]")
+
+    @property
+    def last(self) -> int:
+        """N of the chain old (v1) -> new (v2) -> ... -> vN."""
+        return len(self.classes) + 1
+
+    def classes_of(self, k: int) -> Optional[int]:
+        """How many classes version k >= 2 is trained on (None = all)."""
+        return self.classes[k - 2]
 
 
 @dataclass

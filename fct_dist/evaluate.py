@@ -15,24 +15,45 @@ import torch
 
 from . import features, lake, layout
 from .config import Config
-from .layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED, V3
+from .layout import FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED, chained, direct, version
 from .pipeline import index, refill
 from .storage import Store
 
 log = logging.getLogger(__name__)
 
-# The gallery / query sources of the matrix: model name -> (embedding lake, column).
-SOURCES = {OLD: (STORED, "old"), SIDE: (STORED, "side"), NEW: (NEW, "emb"), BCT: (BCT, "emb"),
-           FCT: (FCT, "emb"), FCT_NOSIDE: (FCT_NOSIDE, "emb"), REFILL: (REFILL, "emb"),
-           V3: (V3, "emb"), CHAINED: (CHAINED, "emb"), DIRECT: (DIRECT, "emb")}
-# With a third version the rows after side/side are v3 queries against each state the gallery went through.
+# The gallery / query sources of the matrix whose lake is not named after the model: model -> (lake, column).
+SOURCES = {OLD: (STORED, "old"), SIDE: (STORED, "side")}
 CASES = [("old", "old"), ("new", "new"), ("new", "fct"), ("new", "fct-noside"), ("bct", "old"),
-         ("bct", "bct"), ("new", "old"), ("side", "side"),
-         (V3, V3), (V3, CHAINED), (V3, DIRECT), (V3, FCT), (V3, OLD)]
+         ("bct", "bct"), ("new", "old"), ("side", "side")]
 LABELS = {"old": "old", "new": "new", "fct": "FCT (with side-info)", "fct-noside": "FCT (no side-info)",
-          "bct": "BCT-new", "side": "side-info", V3: "v3", CHAINED: "FCT chained (v1 -> v2 -> v3)",
-          DIRECT: "FCT direct (v1 -> v3)"}
-STRATEGIES = {CHAINED: "chained", DIRECT: "direct"}
+          "bct": "BCT-new", "side": "side-info"}
+
+
+def source(model: str) -> tuple[str, str]:
+    """(embedding lake, column) of a model's vectors."""
+    return SOURCES.get(model, (model, "emb"))
+
+
+def strategies(k: int) -> dict[str, str]:
+    """The two upgraded lakes of version k >= 3 and their strategy's name."""
+    return {chained(k): "chained", direct(k): "direct"}
+
+
+def cases(cfg: Config) -> list[tuple[str, str]]:
+    """The matrix's (query, gallery) pairs: after side/side, each later version's queries against each state
+    the gallery went through (its own, chained, direct, the previous upgraded lake, the stored one)."""
+    later = [(version(k), g) for k in range(3, cfg.versions.last + 1)
+             for g in (version(k), chained(k), direct(k), chained(k - 1), OLD)]
+    return CASES + later
+
+
+def labels(cfg: Config) -> dict[str, str]:
+    """Each model's name in tables and plots."""
+    out = dict(LABELS)
+    for k in range(3, cfg.versions.last + 1):
+        out |= {version(k): f"v{k}", chained(k): f"FCT chained ({' -> '.join(f'v{i}' for i in range(1, k + 1))})",
+                direct(k): f"FCT direct (v1 -> v{k})"}
+    return out
 
 
 def _pad(x: np.ndarray, d: int) -> np.ndarray:
@@ -103,7 +124,7 @@ Source = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids (sorted), vectors, lab
 
 def load_source(store: Store, model: str, split: str, truth: features.Truth) -> Source:
     """One model's embeddings of `split` with each row's label from `truth` (features.split_truth)."""
-    name, col = SOURCES[model]
+    name, col = source(model)
     directory = layout.embeddings(store, name, split)
     store.manifest(directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
@@ -119,7 +140,7 @@ def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str,
     if len(g) <= cfg.eval.exact_max_gallery:
         r = exact_ranking(q, q_lab, q_ids, g, g_lab, g_ids, cfg.eval.max_rank, cfg.eval.block_size)
     else:
-        name, column = SOURCES[gallery]
+        name, column = source(gallery)
         if index.current(cfg, store, name, split, column) is None:
             raise lake.LakeError(f"gallery {gallery!r} has {len(g)} items (> eval.exact_max_gallery) and no current "
                                  f"index: build it first (fct index --lake {name} --column {column})")
@@ -128,7 +149,8 @@ def case(cfg: Config, store: Store, query: str, gallery: str, sources: dict[str,
         _, nbr = index.search(store, name, split, np.ascontiguousarray(qq), cfg.eval.search_k + 1, cfg.index.nprobe,
                               column)
         r = ranking_from_neighbours(nbr, q_lab, q_ids, g_lab, g_ids, cfg.eval.max_rank)
-    r |= {"query": query, "gallery": gallery, "label": f"{LABELS[query]} / {LABELS[gallery]}",
+    name = labels(cfg)
+    r |= {"query": query, "gallery": gallery, "label": f"{name.get(query, query)} / {name.get(gallery, gallery)}",
           "top1": r["cmc"][0], "top5": r["cmc"][min(4, len(r["cmc"]) - 1)], "dims": [q.shape[1], g.shape[1]]}
     if q.shape[1] != g.shape[1]:
         r["note"] = f"dims differ ({q.shape[1]} vs {g.shape[1]}): the smaller is zero-padded"
@@ -145,9 +167,9 @@ def gap_closed(cases: list[dict], gallery: str, query: str = NEW) -> dict:
     return {m: (f[m] - oo[m]) / (nn[m] - oo[m]) if nn[m] != oo[m] else None for m in ("top1", "top5", "map")}
 
 
-def strategy_gaps(cases: list[dict]) -> dict[str, dict]:
-    """Each v3 gallery's share of the v1/v1 -> v3/v3 gap ({} when a case is missing or v3 scores as v1)."""
-    gaps = {s: gap_closed(cases, s, V3) for s in STRATEGIES}
+def strategy_gaps(cases: list[dict], k: int) -> dict[str, dict]:
+    """Each vk gallery's share of the v1/v1 -> vk/vk gap ({} when a case is missing or vk scores as v1)."""
+    gaps = {s: gap_closed(cases, s, version(k)) for s in strategies(k)}
     return gaps if all(g and g["top1"] is not None for g in gaps.values()) else {}
 
 
@@ -156,28 +178,28 @@ def better(gaps: dict[str, dict]) -> str:
     return max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
 
 
-def second_upgrade(cfg: Config, cases: list[dict]) -> dict:
-    """The two ways to v3 side by side (share of the v1/v1 -> v3/v3 gap each closes) and the one served:
-    versions.strategy, or with `auto` the better one."""
-    gaps = strategy_gaps(cases)
+def upgrade_to(cfg: Config, cases: list[dict], k: int) -> dict:
+    """The two ways to version k >= 3 side by side (share of the v1/v1 -> vk/vk gap each closes) and the one
+    served: versions.strategy, or with `auto` the better one."""
+    gaps, named = strategy_gaps(cases, k), strategies(k)
     if not gaps:
         return {}
     if cfg.versions.strategy != "auto":
-        chosen = {v: k for k, v in STRATEGIES.items()}[cfg.versions.strategy]
+        chosen = {v: lake_ for lake_, v in named.items()}[cfg.versions.strategy]
         why = f"versions.strategy={cfg.versions.strategy}"
     else:
         chosen = better(gaps)
         other = next(s for s in gaps if s != chosen)
-        why = (f"it closes {100 * gaps[chosen]['top1']:.1f} % of the v1 -> v3 top-1 gap, {STRATEGIES[other]} "
+        why = (f"it closes {100 * gaps[chosen]['top1']:.1f} % of the v1 -> v{k} top-1 gap, {named[other]} "
                f"{100 * gaps[other]['top1']:.1f} %")
-    return {"gap_closed": gaps, "strategy": STRATEGIES[chosen], "lake": chosen, "why": why}
+    return {"gap_closed": gaps, "strategy": named[chosen], "lake": chosen, "why": why}
 
 
 def searched_galleries(cfg: Config, store: Store) -> list[tuple[str, str]]:
     """(lake, column) of the galleries too large for exact ranking: the matrix searches their index."""
     out = []
-    for model in sorted({g for _, g in CASES}):
-        name, column = SOURCES[model]
+    for model in sorted({g for _, g in cases(cfg)}):
+        name, column = source(model)
         directory = layout.embeddings(store, name, cfg.eval.split)
         if store.has_manifest(directory) and store.manifest(directory)["rows"] > cfg.eval.exact_max_gallery:
             out.append((name, column))
@@ -271,27 +293,32 @@ def format_table(cases: list[dict]) -> str:
 def matrix(cfg: Config, store: Store) -> dict:
     """Every case whose embeddings exist, and the recall of every current index of the split;
     returns {"cases": [...], "gap_closed": {...}, "index_recall_at_10": {...}, "skipped": [...]}."""
-    split = cfg.eval.split
-    present = {m for m, (name, _) in SOURCES.items() if store.has_manifest(layout.embeddings(store, name, split))}
-    pairs = [(q, g) for q, g in CASES if q in present and g in present]
+    split, wanted = cfg.eval.split, cases(cfg)
+    present = {m for pair in wanted for m in pair if store.has_manifest(layout.embeddings(store, source(m)[0], split))}
+    pairs = [(q, g) for q, g in wanted if q in present and g in present]
     truth = features.split_truth(store, split)
     sources = {m: load_source(store, m, split, truth) for m in {m for pair in pairs for m in pair}}
-    cases = [case(cfg, store, q, g, sources) for q, g in pairs]
-    indexed = sorted({SOURCES[m][0] for m in present if SOURCES[m][1] == "emb"
-                      and index.current(cfg, store, SOURCES[m][0], split) is not None})
-    out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
+    done = [case(cfg, store, q, g, sources) for q, g in pairs]
+    indexed = sorted({source(m)[0] for m in present if source(m)[1] == "emb"
+                      and index.current(cfg, store, source(m)[0], split) is not None})
+    out = {"cases": done, "gap_closed": {g: gap_closed(done, g) for g in (FCT, FCT_NOSIDE)},
            "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
-           "skipped": [f"{q}/{g}" for q, g in CASES if (q, g) not in pairs]}
-    if {V3, CHAINED, DIRECT} <= present:
-        out["second_upgrade"] = second_upgrade(cfg, cases)
+           "skipped": [f"{q}/{g}" for q, g in wanted if (q, g) not in pairs],
+           "upgrades": {}}
+    for k in range(3, cfg.versions.last + 1):
+        if {version(k), chained(k), direct(k)} <= present and (served := upgrade_to(cfg, done, k)):
+            out["upgrades"][version(k)] = served
     if NEW in present and FCT in present:
         out["backfill_curve"] = backfill_curve(cfg, store, sources, truth)  # new/fct is a case: both are loaded
-    log.info("%s", format_table(cases))
+    log.info("%s", format_table(done))
+    name = labels(cfg)
     for g, v in out["gap_closed"].items():
         if v:
-            log.info("gap closed by %s: top-1 %.0f %%, mAP %.0f %%", LABELS[g], 100 * v["top1"], 100 * v["map"])
-    for g, v in out.get("second_upgrade", {}).get("gap_closed", {}).items():
-        log.info("v1 -> v3 gap closed by %s: top-1 %.0f %%, mAP %.0f %%", LABELS[g], 100 * v["top1"], 100 * v["map"])
+            log.info("gap closed by %s: top-1 %.0f %%, mAP %.0f %%", name[g], 100 * v["top1"], 100 * v["map"])
+    for target, served in out["upgrades"].items():
+        for g, v in served.get("gap_closed", {}).items():
+            log.info("v1 -> %s gap closed by %s: top-1 %.0f %%, mAP %.0f %%", target, name[g], 100 * v["top1"],
+                     100 * v["map"])
     for name, r in out["index_recall_at_10"].items():
         log.info("index %s: recall@10 against exact search %.3f", name, r)
     return out

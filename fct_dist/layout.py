@@ -24,12 +24,28 @@ FCT, FCT_NOSIDE = "fct", "fct-noside"  # the transformation h, with and without 
 STORED = "stored"  # id, old, side: what was kept at old-model time, the backfill's input
 FEATURES = "features"  # id, old, side, new: the transformation's training data
 REFILL = "refill"  # id, emb, uncertainty, reextracted: the backfilled gallery with its least sure part re-extracted
-# A second upgrade, old (v1) -> new (v2) -> V3: its model, its two transformations and their features.
-V3 = "v3"
-CHAINED, DIRECT = "fct-v2-v3", "fct-v1-v3"  # h(v2 -> v3) applied to the upgraded lake; h(v1 -> v3) to the stored one
-FEATURES_V3 = "features-v3"  # id, old, side, new, v3: both transformations' training data
-
 SPLITS = ("train", "test")
+
+
+# The version chain: version 1 is the old model, 2 the new one, 3, 4, ... the ones after it. The upgrade to
+# version k >= 3 has two transformations, each an artefact with its own upgraded lake: chained, h(v{k-1} -> vk)
+# applied to the previous upgraded lake (for v2 that is fct's), and direct, h(v1 -> vk) applied to the stored one.
+def version(k: int) -> str:
+    """The model (and embedding lake) of version k."""
+    return {1: OLD, 2: NEW}.get(k, f"v{k}")
+
+
+def chained(k: int) -> str:
+    return FCT if k == 2 else f"fct-v{k - 1}-v{k}"
+
+
+def direct(k: int) -> str:
+    return FCT if k == 2 else f"fct-v1-v{k}"
+
+
+def version_features(k: int) -> str:
+    """id, old, side, v{k-1}, vk (columns named after the models): both transformations' training data."""
+    return f"features-v{k}"
 
 
 def images(store: Store, split: str) -> str:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from . import layout
-from .evaluate import LABELS, STRATEGIES, better, format_table, gap_closed, strategy_gaps
+from .evaluate import LABELS, better, format_table, gap_closed, strategies, strategy_gaps
 from .layout import FCT, FCT_NOSIDE
 from .runtime import machine
 from .storage import Store
@@ -20,7 +20,7 @@ GOALS = ("FCT with side-info closes >= 95 % of the old->new gap in top-1 and >= 
          "FCT beats BCT in top-1 and mAP (the paper's headline)",
          "re-extraction by uncertainty: its backfill curve's AUC is at least half-way from the random order's to "
          "the oracle's (top-1 and mAP)",
-         "after two upgrades (v1 -> v2 -> v3) the better strategy closes >= 90 % of the v1/v1 -> v3/v3 gap in top-1 "
+         "after {n} upgrades ({chain}) the better strategy closes >= 90 % of the v1/v1 -> v{k}/v{k} gap in top-1 "
          "and >= 95 % in mAP")
 # FastFill's ImageNet-1k table (with side-info; Jaeckle et al., ICLR 2023): AUC of the backfill curve, %.
 FASTFILL_IMAGENET = {"random": {"top1": 64.7, "map": 42.6}, "uncertainty": {"top1": 67.8, "map": 46.2},
@@ -91,35 +91,36 @@ def curve_goal(curve: dict | None) -> dict | None:
     return {"goal": GOALS[3], "met": met, "measured": "; ".join(way(m) for m in ("top1", "map"))}
 
 
-def versions_goal(cases: list[dict], runs: list[dict]) -> tuple[dict | None, list[str]]:
-    """The repeated-upgrade goal and report section (None, [] without a third version): each strategy's
-    share of the v1/v1 -> v3/v3 gap, from the cases (the mean over seeds), and each seed's."""
-    gaps = strategy_gaps(cases)
+def versions_goal(cases: list[dict], runs: list[dict], k: int) -> tuple[dict | None, list[str]]:
+    """The repeated-upgrade goal and report section of version k >= 3 (None, [] when its cases are missing):
+    each strategy's share of the v1/v1 -> vk/vk gap, from the cases (the mean over seeds), and each seed's."""
+    gaps, named = strategy_gaps(cases, k), strategies(k)
     if not gaps:
         return None, []
     best = better(gaps)
-    per_seed = [strategy_gaps(r["evaluation"]["cases"]) for r in runs]
+    per_seed = [strategy_gaps(r["evaluation"]["cases"], k) for r in runs]
     several = len(runs) > 1
+    chain = " -> ".join(f"v{i}" for i in range(1, k + 1))
 
     def row(s: str, g: dict) -> str:
-        cells = [STRATEGIES[s], *(f"{100 * g[m]:.1f}" for m in ("top1", "map"))]
+        cells = [named[s], *(f"{100 * g[m]:.1f}" for m in ("top1", "map"))]
         if several:  # each seed's share beside the mean's
             cells += [" / ".join(f"{100 * p[s][m]:.1f}" if s in p else "-" for p in per_seed) for m in ("top1", "map")]
         return "| " + " | ".join(cells) + " |"
 
-    lines = ["## Repeated upgrades (v1 = old -> v2 = new -> v3)", "",
-             "v3 queries against the gallery in each state it went through (the rows v3 / ... of the matrix). Chained: "
-             "h(v2 -> v3) applied to the upgraded lake's vectors (h(v1 -> v2)'s output; errors compound). Direct: "
-             "h(v1 -> v3) applied to the stored v1 vectors. Both read side-info extracted once at v1 time, and no "
-             "gallery image.", "", "| strategy | share of the v1/v1 -> v3/v3 gap, top-1 % | mAP % |"
+    lines = [f"## Repeated upgrades ({chain.replace('v1', 'v1 = old', 1).replace('v2', 'v2 = new', 1)})", "",
+             f"v{k} queries against the gallery in each state it went through (the rows v{k} / ... of the matrix). "
+             f"Chained: h(v{k - 1} -> v{k}) applied to the previous upgraded lake's vectors (errors compound). Direct: "
+             f"h(v1 -> v{k}) applied to the stored v1 vectors. Both read side-info extracted once at v1 time, and no "
+             f"gallery image.", "", f"| strategy | share of the v1/v1 -> v{k}/v{k} gap, top-1 % | mAP % |"
              + (" per seed, top-1 % | mAP % |" if several else ""), "|---|---|---|" + ("---|---|" if several else "")]
     lines += [row(s, g) for s, g in gaps.items()]
-    lines += ["", f"- Better here: {STRATEGIES[best]} (more of the top-1 gap, then of the mAP gap); `versions.strategy: "
+    lines += ["", f"- Better here: {named[best]} (more of the top-1 gap, then of the mAP gap); `versions.strategy: "
               "auto` serves it. References for what successive compatibility costs: FCT's own chain of updates and "
               "BT^2 (ICCV 2023).", ""]
     g = gaps[best]
-    goal = {"goal": GOALS[4], "met": g["top1"] >= 0.90 and g["map"] >= 0.95,
-            "measured": f"{STRATEGIES[best]}: top-1 {100 * g['top1']:.1f} %, mAP {100 * g['map']:.1f} %"}
+    goal = {"goal": GOALS[4].format(n={2: "two", 3: "three"}.get(k - 1, k - 1), chain=chain, k=k), "met": g["top1"] >= 0.90 and g["map"] >= 0.95,
+            "measured": f"{named[best]}: top-1 {100 * g['top1']:.1f} %, mAP {100 * g['map']:.1f} %"}
     return goal, lines
 
 
@@ -183,10 +184,10 @@ def png(fig) -> bytes:
 def cmc_plot(cases: list[dict]) -> bytes:
     import matplotlib
     fig, ax = figure((9, 4.5))
-    colours = matplotlib.colormaps["tab20"]  # 13 cases with a third version: the default cycle repeats at 10
+    colours = matplotlib.colormaps["tab20"]  # 13 cases with a v3: the default cycle repeats at 10
     for i, c in enumerate(cases):
         ax.plot(range(1, len(c["cmc"]) + 1), [100 * v for v in c["cmc"]], marker=".", label=c["label"],
-                color=colours(i % 20), linestyle="-" if c["query"] != "v3" else "--")
+                color=colours(i % 20), linestyle="-" if c["query"] in LABELS else "--")  # dashed: later versions
     ax.set(xlabel="rank k", ylabel="CMC top-k (%)", title="CMC curves (query / gallery)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
@@ -201,8 +202,8 @@ def write(store: Store, runs: list[dict], config: dict, run_name: str | None = N
     directory = layout.report(store, run_name)
     cases = aggregate(runs)
     curve = mean_curve(runs)
-    v3_goal, v3_lines = versions_goal(cases, runs)
-    checks = goals(cases) + [g for g in [curve_goal(curve), v3_goal] if g]
+    later = [versions_goal(cases, runs, k) for k in range(3, len(config["versions"]["classes"]) + 2)]
+    checks = goals(cases) + [g for g in [curve_goal(curve)] + [goal for goal, _ in later] if g]
     seeds = len(runs)
     table = format_table(cases) if seeds == 1 else _table_with_std(cases)
     gap = runs[0]["evaluation"]["gap_closed"] if seeds == 1 else _mean_gap(runs)
@@ -225,7 +226,7 @@ def write(store: Store, runs: list[dict], config: dict, run_name: str | None = N
     if curve:
         store.write_bytes(f"{directory}/backfill.png", curve_plot(curve))
         lines += [""] + curve_lines(curve)
-    lines += v3_lines
+    lines += [line for _, section in later for line in section]
     lines += ["", "## Models", "", "| model | version | metrics |", "|---|---|---|"]
     for name, meta in models.items():
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in meta["metrics"].items() if k != "history"}

@@ -13,8 +13,8 @@ import time
 from typing import Callable
 
 from . import datasets, evaluate, layout, report, search
-from .config import Config, ConfigError
-from .layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, NEW, OLD, SIDE, V3
+from .config import Config
+from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from .models import registry
 from .pipeline import backfill, extract, index, refill
 from .runtime import init_ray
@@ -46,10 +46,7 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     `force` refills the image lake and retrains every model; the data-parallel stages (extract,
     backfill, index) rerun whenever their inputs changed, so they follow."""
     init_ray(cfg)
-    step, split, third = Steps(), cfg.eval.split, cfg.versions.third
-    if third and cfg.versions.new_classes is None:
-        raise ConfigError("versions.third=true needs versions.new_classes: v2 trained on fewer classes than v3 "
-                          "(on the same classes v3 would be v2 again)")
+    step, split, last = Steps(), cfg.eval.split, cfg.versions.last
     step("data: fill the image lake", datasets.fill, cfg, store, force=force)
     step("train the old model", stages.train_old, cfg, store, force=force)
     step("train the side-info model", stages.train_side_info, cfg, store, force=force)
@@ -64,9 +61,9 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     step("train the transformation h", stages.train_transformation, cfg, store, force=force)
     step("train the transformation without side-info", stages.train_transformation, cfg, store, use_side=False,
          force=force)
-    # with a third version to come, the upgraded lake keeps the side-info for the next upgrade to read
+    # with a later version to come, the upgraded lake keeps the side-info for the next upgrade to read
     keep = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, keep=[cfg.columns.side]))
-    step(f"backfill {split} with h: the upgraded lake", backfill.backfill, keep if third else cfg, store, FCT, split)
+    step(f"backfill {split} with h: the upgraded lake", backfill.backfill, keep if last > 2 else cfg, store, FCT, split)
     step(f"backfill {split} with h without side-info", backfill.backfill, cfg, store, FCT_NOSIDE, split)
     step(f"re-extract {split} with the new model (the baseline a backfill avoids)", extract.reextract, cfg, store,
          NEW, split)
@@ -74,35 +71,39 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     if cfg.models.transformation.uncertainty:
         step(f"refill {split}: re-extract the {cfg.refill.budget:.0%} h is least sure of", refill.refill, cfg, store,
              split=split)
-    if third:
-        second_upgrade(cfg, store, step, force)
+    for k in range(3, last + 1):
+        upgrade_to(cfg, store, step, force, k)
     idx = step("index the upgraded lake", index.build, cfg, store, FCT, split)
     for name, column in evaluate.searched_galleries(cfg, store):
         if name != FCT:
             step(f"index the {name} gallery (too large for exact ranking)", index.build, cfg, store, name, split, column)
     evaluation = step("evaluate: the compatibility matrix and index recall", evaluate.matrix, cfg, store)
-    served = evaluation.get("second_upgrade")
-    if served:
-        step(f"index the v3 gallery ({served['strategy']}: {served['why']})", index.build, cfg, store, served["lake"],
-             split)
-    models = MODELS + ((V3, CHAINED, DIRECT) if third else ())
+    for target, served in evaluation.get("upgrades", {}).items():
+        step(f"index the {target} gallery ({served['strategy']}: {served['why']})", index.build, cfg, store,
+             served["lake"], split)
+    models = MODELS + tuple(m for k in range(3, last + 1) for m in (layout.version(k), layout.chained(k), layout.direct(k)))
     return {"steps": step.order, "timings": step.timings, "models": {m: registry.read_meta(store, m) for m in models},
             "index": idx, "evaluation": evaluation}
 
 
-def second_upgrade(cfg: Config, store: Store, step: Steps, force: bool) -> None:
-    """v2 -> v3 over the lake the first upgrade wrote, both ways: chained (h(v2 -> v3) on the upgraded lake)
-    and direct (h(v1 -> v3) on the stored lake); no gallery image is read, except by the v3 baseline."""
-    split = cfg.eval.split
-    step("train v3: the next model version (all classes)", stages.train_new, cfg, store, False, force, V3)
+def upgrade_to(cfg: Config, store: Store, step: Steps, force: bool, k: int) -> None:
+    """v{k-1} -> vk over the lakes the upgrades before wrote, both ways: chained (h(v{k-1} -> vk) on the
+    previous upgraded lake) and direct (h(v1 -> vk) on the stored lake); no gallery image is read, except by
+    vk's baseline."""
+    split, target, before = cfg.eval.split, layout.version(k), layout.version(k - 1)
+    known = cfg.versions.classes_of(k)
+    step(f"train {target}: the next model version ({known or 'all'} classes)", stages.train_new, cfg, store, False,
+         force, k)
     for s in layout.SPLITS:
-        step(f"extract the second upgrade's features (old, side, new, v3) of {s}", extract.features_v3, cfg, store, s)
-    for up in stages.second_upgrades().values():
-        step(f"train {up.name}: h({up.roles['old']}, side) -> v3", stages.train_transformation, cfg, store, force=force,
-             upgrade=up)
-    step(f"backfill {split} chained: h(v2 -> v3) on the upgraded lake", backfill.chained, cfg, store, split)
-    step(f"backfill {split} direct: h(v1 -> v3) on the stored lake", backfill.backfill, cfg, store, DIRECT, split)
-    step(f"re-extract {split} with v3 (the baseline both avoid)", extract.reextract, cfg, store, V3, split)
+        step(f"extract the upgrade to {target}'s features (old, side, {before}, {target}) of {s}",
+             extract.version_features, cfg, store, s, k)
+    for up in stages.upgrades_to(k):
+        step(f"train {up.name}: h({up.roles['old']}, side) -> {target}", stages.train_transformation, cfg, store,
+             force=force, upgrade=up)
+    step(f"backfill {split} chained: h(v{k - 1} -> v{k}) on the upgraded lake", backfill.chained, cfg, store, k, split)
+    step(f"backfill {split} direct: h(v1 -> v{k}) on the stored lake", backfill.backfill, cfg, store,
+         layout.direct(k), split)
+    step(f"re-extract {split} with {target} (the baseline both avoid)", extract.reextract, cfg, store, target, split)
 
 
 def with_seed(cfg: Config, seed: int) -> Config:

@@ -41,6 +41,11 @@ def test_overrides_and_preset_apply():
     ("models.old.blocks=[1, x]", "models.old.blocks[1]: 'x' has type str; expected int"),
     ("storage=3", "storage: expected a section (mapping), got 3"),
     ("train.num_workers", "--set 'train.num_workers': expected key=value"),
+    ("versions.classes=[6, null, null]", "versions.classes: [6, None, None]; expected one entry per version"),
+    ("versions.classes=[6, 6]", "versions.classes: [6, 6]; expected one entry per version"),
+    ("versions.classes=[8, 6]", "versions.classes: [8, 6]; expected one entry per version"),
+    ("versions.classes=[]", "versions.classes: []; expected one entry per version"),
+    ("versions.classes=[0]", "versions.classes[0]: 0 is out of range"),
 ])
 def test_bad_values_fail_with_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as e:

@@ -133,13 +133,11 @@ def test_an_index_is_current_only_for_the_lake_it_indexes(ray_local, any_cfg, ca
     np.testing.assert_array_equal(got[:, 0], ids[:5])
 
 
-def test_evaluation_asks_for_a_current_index_and_never_builds_one(ray_local, any_cfg, monkeypatch):
+def test_evaluation_asks_for_a_current_index_and_never_builds_one(ray_local, any_cfg):
     cfg = any_cfg("eval.exact_max_gallery=100")
     store = open_store(cfg.storage)
     ids, x = vector_lake(store)
     source = (np.sort(ids), x[np.argsort(ids)], np.zeros(len(ids), np.int64))
-    monkeypatch.setitem(evaluate.SOURCES, "vec", ("vec", "emb"))  # a gallery of this test's lake
-    monkeypatch.setitem(evaluate.LABELS, "vec", "vec")
     with pytest.raises(lake.LakeError, match=r"gallery 'vec' has 3000 items .* no current index: build it"):
         evaluate.case(cfg, store, "vec", "vec", {"vec": source})
     assert not store.exists(store.path("index"))
@@ -147,7 +145,7 @@ def test_evaluation_asks_for_a_current_index_and_never_builds_one(ray_local, any
     assert evaluate.case(cfg, store, "vec", "vec", {"vec": source})["method"].startswith("faiss")
 
 
-def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local, local_cfg, monkeypatch):
+def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local, local_cfg):
     """A 16-d query model against an 8-d gallery: the exact path zero-pads the gallery; through a Flat
     index (whole gallery returned, so mAP@k is the full mAP) the ranking must be the same."""
     cfg = local_cfg("index.factory=Flat", "eval.exact_max_gallery=100", "eval.search_k=3000")
@@ -158,9 +156,6 @@ def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local,
     wide = np.hstack([x, np.random.default_rng(2).normal(size=(len(ids), 8)).astype(np.float32)])  # 16-d queries
     sources = {"q16": (ids[order][:200], wide[order][:200], labels[order][:200]),
                "vec": (ids[order], x[order], labels[order])}
-    for name in sources:
-        monkeypatch.setitem(evaluate.LABELS, name, name)
-    monkeypatch.setitem(evaluate.SOURCES, "vec", ("vec", "emb"))
     index.build(cfg, store, "vec", "test")
     via_index = evaluate.case(cfg, store, "q16", "vec", sources)
     q_ids, q, q_labels = sources["q16"]

@@ -41,7 +41,7 @@ def test_every_artefact_loads_back(trained, name, kind):
 def test_artefact_meta_records_what_the_stage_saw(trained):
     cfg, store, _ = trained
     old, new, bct = (registry.read_meta(store, n) for n in ("old", "new", "bct"))
-    # the tiny preset's draw; the session's run trains new on versions.new_classes=6 (a superset of old's)
+    # the tiny preset's draw; the session's run trains new on versions.classes=[6, null] (a superset of old's)
     assert old["classes"] == [2, 3, 4, 6] and new["classes"] == bct["classes"] == [0, 2, 3, 4, 5, 6]
     assert old["dims"]["emb"] == bct["dims"]["emb"] == 8 and new["dims"]["emb"] == 16
     assert bct["compatible_with"] == {"old": old["version"]}

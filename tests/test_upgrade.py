@@ -83,17 +83,17 @@ def test_seeds_are_aggregated_as_mean_and_std():
 def test_the_versions_section_shows_the_mean_and_each_seeds_share_and_judges_the_better_strategy():
     """Two seeds whose mean favours direct: a section that averaged shares instead of cases, swapped the
     seeds' columns, picked chained or judged the goal on the other strategy would fail a line here."""
-    from fct_dist import evaluate, report
+    from fct_dist import report
 
     def run(chained, direct):
         cases = [{"query": q, "gallery": g, "label": f"{q} / {g}", "method": "exact", "top1": t, "top5": 1.0, "map": t,
-                  "cmc": [t]} for q, g, t in (("old", "old", 0.5), ("v3", "v3", 1.0), ("v3", evaluate.CHAINED, chained),
-                                              ("v3", evaluate.DIRECT, direct))]
+                  "cmc": [t]} for q, g, t in (("old", "old", 0.5), ("v3", "v3", 1.0), ("v3", "fct-v2-v3", chained),
+                                              ("v3", "fct-v1-v3", direct))]
         return {"evaluation": {"cases": cases}}
     runs = [run(0.9, 0.95), run(0.8, 0.97)]  # per seed: chained 80 / 60 %, direct 90 / 94 % of the gap
-    goal, lines = report.versions_goal(report.aggregate(runs), runs)
+    goal, lines = report.versions_goal(report.aggregate(runs), runs, 3)
     assert "| chained | 70.0 | 70.0 | 80.0 / 60.0 | 80.0 / 60.0 |" in lines  # (0.85 - 0.5) / 0.5
     assert "| direct | 92.0 | 92.0 | 90.0 / 94.0 | 90.0 / 94.0 |" in lines
     assert goal["measured"] == "direct: top-1 92.0 %, mAP 92.0 %" and not goal["met"]  # mAP under 95 %
-    single_goal, single = report.versions_goal(report.aggregate(runs[:1]), runs[:1])
+    single_goal, single = report.versions_goal(report.aggregate(runs[:1]), runs[:1], 3)
     assert "| direct | 90.0 | 90.0 |" in single and single_goal["met"] is False

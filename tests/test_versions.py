@@ -9,13 +9,14 @@ import torch
 
 from fct_dist import lake, layout
 from fct_dist.lake import LakeError
-from fct_dist.layout import CHAINED, DIRECT, FCT, NEW, OLD, SIDE, V3
+from fct_dist.layout import FCT, NEW, OLD, SIDE
 from fct_dist.models import Transformation, TransformationConfig, registry
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
 
 from .support import copy_tree, id_lake
 
+V3, CHAINED, DIRECT = layout.version(3), layout.chained(3), layout.direct(3)  # the session's last version
 VER1, VER2, VER3, VSIDE = "v1-0000000000000", "v2-0000000000000", "v3-0000000000000", "side-00000000000"
 DIMS = {"v1": 8, "v2": 8, "v3": 12, "side": 8}  # v1 and v2 of one dim: only the space tells them apart
 
@@ -145,7 +146,7 @@ def test_three_versions_end_to_end_local_and_s3(trained, s3_cfg):
     assert np.abs(got_c[1] - got_d[1]).max() > 1e-3
 
     m = store.read_json(f"{report_dir}/metrics.json")
-    served = m["runs"][0]["evaluation"]["second_upgrade"]
+    served = m["runs"][0]["evaluation"]["upgrades"][V3]
     gaps = served["gap_closed"]
     better = max(gaps, key=lambda s: (gaps[s]["top1"], gaps[s]["map"]))
     assert served["lake"] == better and index.current(cfg, store, better, "test") is not None
@@ -157,7 +158,7 @@ def test_three_versions_end_to_end_local_and_s3(trained, s3_cfg):
     copy_tree(store, remote, "models")
     for name in ("stored", FCT):
         copy_tree(store, remote, "embeddings", name, "test")
-    backfill.chained(s3, remote, "test")
+    backfill.chained(s3, remote, 3, "test")
     backfill.backfill(s3, remote, DIRECT, "test")
     for name in (CHAINED, DIRECT):
         assert lineage(remote, name) == lineage(store, name)

@@ -14,7 +14,7 @@ import torch
 from .. import lake, layout
 from ..config import Columns, Config, digest
 from ..lake import LakeError
-from ..layout import CHAINED, FCT, STORED
+from ..layout import FCT, STORED
 from ..models import registry
 from ..storage import Store
 from . import distribute, filemap
@@ -97,11 +97,13 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
         name="backfill", expect_versions={c: meta["producers"][r] for r, c in roles.items()})
 
 
-def chained(cfg: Config, store: Store, split: str = "test") -> dict:
-    """The second upgrade's chained strategy: h(v2 -> v3) on the upgraded lake, whose `emb` is in v2's
-    space and which kept the side-info (columns.keep); the direct one is a plain backfill by h(v1 -> v3)."""
-    c = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, old=cfg.columns.out, keep=[]))
-    return backfill(c, store, CHAINED, split, input=store.uri(layout.embeddings(store, FCT, split)))
+def chained(cfg: Config, store: Store, k: int, split: str = "test") -> dict:
+    """The chained strategy to version k >= 3: h(v{k-1} -> vk) on the previous upgraded lake, whose `emb` is
+    in v{k-1}'s space and which kept the side-info; its own lake keeps the side-info while a later version
+    will read it. The direct strategy is a plain backfill by h(v1 -> vk)."""
+    keep = [cfg.columns.side] if k < cfg.versions.last else []
+    c = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, old=cfg.columns.out, keep=keep))
+    return backfill(c, store, layout.chained(k), split, input=store.uri(layout.embeddings(store, layout.chained(k - 1), split)))
 
 
 def input_lineage(store: Store, in_dir: str, keep: list[str]) -> tuple[dict, dict[str, int]]:

@@ -12,7 +12,7 @@ from .. import lake, layout
 from ..config import Columns, Config, digest
 from ..datasets import folder
 from ..lake import LakeError
-from ..layout import FEATURES, FEATURES_V3, NEW, OLD, SIDE, STORED, V3
+from ..layout import FEATURES, NEW, OLD, SIDE, STORED
 from ..models import registry
 from ..storage import Store
 from . import distribute, filemap
@@ -94,9 +94,11 @@ def features(cfg: Config, store: Store, split: str) -> dict:
     return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW}, FEATURES)
 
 
-def features_v3(cfg: Config, store: Store, split: str) -> dict:
-    """The second upgrade's training features: id, old (v1), side, new (v2), v3."""
-    return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW, "v3": V3}, FEATURES_V3)
+def version_features(cfg: Config, store: Store, split: str, k: int) -> dict:
+    """The upgrade to version k's training features: id, old (v1), side, v{k-1}, vk."""
+    before, target = layout.version(k - 1), layout.version(k)
+    return extract(cfg, store, split, {"old": OLD, "side": SIDE, before: before, target: target},
+                   layout.version_features(k))
 
 
 def reextract(cfg: Config, store: Store, model: str, split: str = "test") -> dict:

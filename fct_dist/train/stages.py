@@ -21,7 +21,7 @@ from .. import features as feature_lakes, lake, layout
 from ..config import Config, ConfigError, digest
 from ..datasets import old_classes
 from ..lake import LakeError
-from ..layout import BCT, CHAINED, DIRECT, FCT, FCT_NOSIDE, FEATURES_V3, NEW, OLD, SIDE, V3
+from ..layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
 from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask
@@ -40,18 +40,18 @@ def classes_of(cfg: Config, store: Store) -> tuple[list[int], list[int]]:
     return labels, old_classes(labels, cfg.data.num_old_classes, cfg.data.old_classes_seed)
 
 
-def classes_of_model(cfg: Config, store: Store, name: str) -> list[int]:
-    """The classes a model is trained on: the old ones (v1), versions.new_classes drawn the same way for
-    the new model and BCT (the same draw, so a superset of the old ones), all of them for v3."""
+def classes_of_version(cfg: Config, store: Store, k: int) -> list[int]:
+    """The classes version k is trained on (BCT's are the new model's, k = 2): the old ones for v1,
+    versions.classes drawn the same way for the later ones (the same draw, so each a superset of the one
+    before), all of them for null."""
     labels, old = classes_of(cfg, store)
-    if name in (OLD, SIDE):
-        return old
-    k = cfg.versions.new_classes
-    if name == V3 or k is None:
-        return labels
-    if k < cfg.data.num_old_classes:
-        raise ConfigError(f"versions.new_classes={k}: expected at least data.num_old_classes={cfg.data.num_old_classes}")
-    return old_classes(labels, k, cfg.data.old_classes_seed)
+    n = None if k == 1 else cfg.versions.classes_of(k)
+    if k == 1 or n is None:
+        return old if k == 1 else labels
+    if n < cfg.data.num_old_classes:
+        raise ConfigError(f"versions.classes: {layout.version(k)} on {n} classes; expected at least "
+                          f"data.num_old_classes={cfg.data.num_old_classes}")
+    return old_classes(labels, n, cfg.data.old_classes_seed)
 
 
 def backbone_arch(cfg_model, store: Store, emb_dim: int | None = None) -> ResNetConfig:
@@ -135,12 +135,12 @@ def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, 
     return classes, means, meta
 
 
-def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False, name: str = NEW) -> dict:
-    """The new model (or, with name=V3, the version after it) on its classes; with `bct`, BCT's baseline
+def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False, k: int = 2) -> dict:
+    """The new model (or, with k >= 3, version k of the chain) on its classes; with `bct`, BCT's baseline
     (old dim + old classifier's influence)."""
-    name, opt = (BCT, cfg.train.bct) if bct else (name, cfg.train.new)
-    labels = classes_of_model(cfg, store, name)
-    subset = {"classes": labels, "model": name} if name == V3 or cfg.versions.new_classes is not None else {}
+    name, opt = (BCT, cfg.train.bct) if bct else (layout.version(k), cfg.train.new)
+    labels = classes_of_version(cfg, store, k)
+    subset = {"classes": labels, "model": name} if k > 2 or cfg.versions.classes_of(2) is not None else {}
     emb_dim, extra, compat = None, {}, {}
     if bct:
         old_classes, old_fc, old_meta = old_classifier(cfg, store)
@@ -174,18 +174,19 @@ class Upgrade:
     target: str
 
 
-def second_upgrades() -> dict[str, Upgrade]:
-    """v2 -> v3 (chained: applied to the upgraded lake) and v1 -> v3 (direct: applied to the stored lake),
-    both learnt from the features-v3 lake (id, old, side, new, v3)."""
-    return {CHAINED: Upgrade(CHAINED, FEATURES_V3, {"old": "new", "side": "side", "new": V3}, V3),
-            DIRECT: Upgrade(DIRECT, FEATURES_V3, {"old": "old", "side": "side", "new": V3}, V3)}
+def upgrades_to(k: int) -> list[Upgrade]:
+    """The two transformations to version k >= 3, both learnt from its features lake (id, old, side,
+    v{k-1}, vk): chained h(v{k-1} -> vk) and direct h(v1 -> vk)."""
+    target, features = layout.version(k), layout.version_features(k)
+    return [Upgrade(layout.chained(k), features, {"old": layout.version(k - 1), "side": "side", "new": target}, target),
+            Upgrade(layout.direct(k), features, {"old": "old", "side": "side", "new": target}, target)]
 
 
 def train_transformation(cfg: Config, store: Store, use_side: bool = True, force: bool = False,
                          features: str | None = None, upgrade: Upgrade | None = None) -> dict:
     """h(old, side) -> new on a features lake's train split (the extract stage's, or the one at the URI
     `features`); a lake without side-info gets the no-side transformation. `upgrade` names another
-    pair of versions of fct's own lakes (v2 -> v3 or v1 -> v3)."""
+    pair of versions of fct's own lakes (upgrades_to)."""
     f = feature_lakes.open_lake(cfg, store, features, *((upgrade.features, upgrade.roles) if upgrade else ()))
     if use_side and "side" not in f.dims:
         log.warning("[h] %s has no side-info column %r: training FCT's no-side transformation (%s) instead",
