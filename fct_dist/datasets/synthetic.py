@@ -11,10 +11,11 @@ def prototypes(num_classes: int, size: int, channels: int, rng: np.random.Genera
     return np.repeat(np.repeat(coarse, rep, axis=1), rep, axis=2)[:, :size, :size]
 
 
-def generate(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:
-    """uint8 images (n, size, size[, 3]): the class pattern, shifted, rescaled and noised per image."""
+def generate(labels: np.ndarray, size: int, channels: int, seed: int, classes_seed: int = 0) -> np.ndarray:
+    """uint8 images (n, size, size[, 3]): the class pattern (drawn from `classes_seed`, so that every split
+    shows the same classes), shifted, rescaled and noised per image (from `seed`)."""
     rng = np.random.default_rng(seed)
-    protos = prototypes(int(labels.max()) + 1, size, channels, np.random.default_rng(seed + 1))
+    protos = prototypes(int(labels.max()) + 1, size, channels, np.random.default_rng(classes_seed))
     shift = max(1, size // 8)
     out = np.empty((len(labels), size, size, channels), np.uint8)
     for i, c in enumerate(labels):
@@ -32,7 +33,8 @@ def load(num_classes: int, train_per_class: int, test_per_class: int, size: int,
     for k, (split, per) in enumerate((("train", train_per_class), ("test", test_per_class))):
         labels = np.random.default_rng(seed + 10 + k).permutation(np.repeat(np.arange(num_classes), per))
         out[split] = (np.arange(next_id, next_id + len(labels), dtype=np.int64),
-                      generate(labels, size, channels, seed + 100 * (k + 1)), labels.astype(np.int32))
+                      generate(labels, size, channels, seed + 100 * (k + 1), classes_seed=seed),
+                      labels.astype(np.int32))
         next_id += len(labels)
     return out
 

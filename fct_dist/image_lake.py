@@ -1,0 +1,99 @@
+"""The image lake: images/{split}/ (id int64, image binary PNG/JPEG, label int32), its writer, its
+validated reader and the decoding every model input goes through."""
+from __future__ import annotations
+
+import io
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from . import currency, layout
+from .lake import LakeError, part_name, read_lake, write_part
+from .storage import Store, StorageError
+
+IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="PNG")
+    return out.getvalue()
+
+
+def decode_image(data: bytes, size: int | None = None, resize: int | None = None, channels: int = 3) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`: RGB (or grey for channels=1), the shorter side
+    resized to `resize` (default size), centre-cropped to size x size."""
+    im = Image.open(io.BytesIO(data))
+    if size is None:
+        return np.asarray(im)
+    r, mode = resize or size, "RGB" if channels == 3 else "L"
+    im.draft(mode, (r, r))  # JPEG: let libjpeg decode at the smallest scale still >= r
+    im = ImageOps.fit(im.convert(mode), (r, r))  # = shorter side to r, centre square
+    if r > size:
+        o = (r - size) // 2
+        im = im.crop((o, o, o + size, o + size))
+    return np.asarray(im)
+
+
+def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
+                  ids: np.ndarray | None = None, size: int | None = None, resize: int | None = None,
+                  channels: int = 3) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (n, C, H, W) (see decode_image); an image that does not decode is named by id."""
+    values = col.to_pylist() if hasattr(col, "to_pylist") else col
+    out = []
+    for i, b in enumerate(values):
+        try:
+            a = decode_image(b, size, resize, channels)
+        except Exception as e:  # PIL raises many types for corrupt bytes
+            who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
+            raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if len({a.shape for a in out}) > 1:
+        raise LakeError(f"{where}: images of different sizes {sorted({a.shape for a in out})}; "
+                        "expected one size per lake")
+    return np.stack(out) if out else np.zeros((0, 1, 1, 1), np.uint8)
+
+
+def write_image_split(store: Store, split: str, ids: np.ndarray, images: list[bytes], labels: np.ndarray,
+                      rows_per_file: int, producer: dict, key: str) -> dict:
+    """Write encoded images to images/{split}/, then its manifest for `key` (what the images were made
+    from, see `currency`); returns the manifest."""
+    directory = layout.images(store, split)
+    if store.exists(directory):
+        store.delete(directory)
+    files, nbytes = [], 0
+    for k, start in enumerate(range(0, len(ids), rows_per_file)):
+        sl = slice(start, start + rows_per_file)
+        table = pa.table({"id": pa.array(ids[sl], pa.int64()), "image": pa.array(images[sl], pa.binary()),
+                          "label": pa.array(labels[sl], pa.int32())}, schema=IMAGE_SCHEMA)
+        path = f"{directory}/{part_name(k)}"
+        nbytes += write_part(store, path, table)
+        files.append(path.rsplit("/", 1)[1])
+    shape = decode_images(images[:1], store.uri(directory)).shape[1:] if images else ()
+    manifest = {"kind": "images", "split": split, "rows": int(len(ids)), "files": files, "bytes": nbytes,
+                "schema": IMAGE_SCHEMA.to_string(), "image_shape": list(shape),
+                "labels": sorted(int(c) for c in np.unique(labels)), "producer": producer}
+    return currency.commit(store, directory, key, manifest)
+
+
+def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, uint8 images (n, C, H, W), labels) of one split, optionally only some labels / the first `limit`."""
+    directory = layout.images(store, split)
+    image_manifest(store, split)
+    table = read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
+    y = table["label"].to_numpy()
+    keep = np.isin(y, list(labels)) if labels is not None else np.ones(len(y), bool)
+    idx = np.flatnonzero(keep)[:limit]
+    ids = table["id"].to_numpy()[idx]
+    return ids, decode_images(table["image"].take(idx), store.uri(directory), ids), y[idx]
+
+
+def image_manifest(store: Store, split: str) -> dict:
+    try:
+        return currency.manifest(store, layout.images(store, split))
+    except StorageError as e:
+        raise LakeError(f"{e}; fill the image lake first with `fct data`") from None
