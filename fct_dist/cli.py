@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -143,6 +144,16 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(fn=fn)
         return s
 
+    for commands in (_data_and_models, _lakes, _runs):
+        commands(cmd)
+    return p
+
+
+Command = Callable[[str, Callable, str], argparse.ArgumentParser]
+
+
+def _data_and_models(cmd: Command) -> None:
+    """fct data, the training stages, import-model."""
     s = cmd("data", _data, "fill the image lake")
     s.add_argument("--from-folder", help="DIR/<class>/*.png|jpg")
     s.add_argument("--force", action="store_true", help="refill even when the image lake is current")
@@ -162,6 +173,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="artefact name (old, side, new: what the stages use)")
     s.add_argument("--file", required=True, metavar="URI", help="the torch.export program (.pt2, batch dim dynamic)")
     s.add_argument("--card", metavar="URI", help="its model card (default FILE.card.yaml)")
+
+
+def _lakes(cmd: Command) -> None:
+    """The data-parallel stages over lakes, and search."""
     s = cmd("extract", _extract, "embed images with one or more models")
     s.add_argument("--model", action="append", required=True, metavar="[COLUMN=]MODEL")
     s.add_argument("--split", default="test")
@@ -198,6 +213,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 5 spread over the split)")
     s.add_argument("--plot", metavar="PNG", help="draw the queries and their neighbours into this PNG")
     s.add_argument("--index", metavar="URI", help="search this index (an index --output) with --vectors")
+
+
+def _runs(cmd: Command) -> None:
+    """evaluate, the whole upgrade, gc, bench."""
     s = cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
     s.add_argument("--features", metavar="URI", help="evaluate on this features lake's test split (needs columns.label)")
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
@@ -213,7 +232,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", choices=("compare", "scale"), default="compare",
                    help="compare: backfill vs re-extraction (demo and production sizes); scale: tens of millions of "
                    "rows through backfill, IVF-PQ index and search (bench.scale)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

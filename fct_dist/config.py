@@ -6,8 +6,6 @@ ConfigError naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -296,11 +294,6 @@ class Config:
         """The named dotted sections: what a stage's artefact depends on (feed it to `digest`)."""
         d = self.to_dict()
         return {s: _get(d, s.split(".")) for s in sections}
-
-
-def digest(*objs: Any) -> str:
-    """Short stable hash of JSON-able objects."""
-    return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _get(d: dict, keys: list[str]) -> Any:

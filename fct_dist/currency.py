@@ -8,12 +8,34 @@ manifest carries exactly that key.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from typing import Any
 
 from . import snapshots
-from .storage import MANIFEST, Store
+from .layout import MANIFEST
+from .storage import Store, StorageError
 
 log = logging.getLogger(__name__)
+
+
+def digest(*objs: Any) -> str:
+    """Short stable hash of JSON-able objects: what a key is made of."""
+    return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def manifest(store: Store, directory: str) -> dict:
+    """The manifest that marks `directory` complete; a clear error when it is missing."""
+    path = f"{directory}/{MANIFEST}"
+    if not store.exists(path):
+        raise StorageError(f"{store.uri(directory)} is not a finished dataset: {MANIFEST} is missing "
+                           "(the stage that writes it did not complete; rerun it)")
+    return store.read_json(path)
+
+
+def has_manifest(store: Store, directory: str) -> bool:
+    return store.exists(f"{directory}/{MANIFEST}")
 
 
 def current(store: Store, directory: str, key: str, manifest: str = MANIFEST) -> dict | None:
@@ -32,8 +54,8 @@ def current(store: Store, directory: str, key: str, manifest: str = MANIFEST) ->
     return m
 
 
-def commit(store: Store, directory: str, key: str, manifest: dict, name: str = MANIFEST) -> dict:
+def commit(store: Store, directory: str, key: str, content: dict, name: str = MANIFEST) -> dict:
     """Mark `directory` done for `key`: write its manifest (last, atomically); returns it."""
-    manifest = manifest | {"key": key}
-    store.write_json(f"{directory}/{name}", manifest)
-    return manifest
+    content = content | {"key": key}
+    store.write_json(f"{directory}/{name}", content)
+    return content

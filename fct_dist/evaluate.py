@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import features, lake, layout
+from . import currency, features, lake, layout
 from .config import Config
 from .layout import FCT, FCT_NOSIDE, NEW, OLD, REFILL, SIDE, STORED, chained, direct, version
 from .pipeline import index, refill
@@ -126,7 +126,7 @@ def load_source(store: Store, model: str, split: str, truth: features.Truth) -> 
     """One model's embeddings of `split` with each row's label from `truth` (features.split_truth)."""
     name, col = source(model)
     directory = layout.embeddings(store, name, split)
-    store.manifest(directory)
+    currency.manifest(store, directory)
     t = lake.read_lake(store, directory, {"id": pa.int64()}, columns=["id", col]).sort_by("id")
     ids = t["id"].to_numpy()
     labels = features.labels_of(ids, truth, store.uri(layout.images(store, split)), f"rows of {store.uri(directory)}")
@@ -201,7 +201,7 @@ def searched_galleries(cfg: Config, store: Store) -> list[tuple[str, str]]:
     for model in sorted({g for _, g in cases(cfg)}):
         name, column = source(model)
         directory = layout.embeddings(store, name, cfg.eval.split)
-        if store.has_manifest(directory) and store.manifest(directory)["rows"] > cfg.eval.exact_max_gallery:
+        if currency.has_manifest(store, directory) and currency.manifest(store, directory)["rows"] > cfg.eval.exact_max_gallery:
             out.append((name, column))
     return sorted(set(out))
 
@@ -253,7 +253,7 @@ def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None 
     if not np.array_equal(ids, h_ids):
         raise lake.LakeError(f"the {NEW} and {FCT} galleries of {split} hold different ids: no curve")
     fct_dir = layout.embeddings(store, FCT, split)
-    has_s = cfg.columns.uncertainty in store.manifest(fct_dir).get("producer", {})
+    has_s = cfg.columns.uncertainty in currency.manifest(store, fct_dir).get("producer", {})
     s = (lake.read_lake(store, fct_dir, {"id": pa.int64()}, columns=["id", cfg.columns.uncertainty]).sort_by("id")
          [cfg.columns.uncertainty].to_numpy() if has_s else None)
     nq = len(ids) if cfg.eval.curve_queries is None else min(cfg.eval.curve_queries, len(ids))
@@ -274,10 +274,10 @@ def backfill_curve(cfg: Config, store: Store, sources: dict[str, Source] | None 
                  100 * curves[name]["auc_map"])
     out = {"fractions": fractions.tolist(), "queries": nq, "gallery": len(ids), "curves": curves}
     refilled = layout.embeddings(store, REFILL, split)
-    if store.has_manifest(refilled):
+    if currency.has_manifest(store, refilled):
         r_ids, r, _ = load_source(store, REFILL, split, truth)
         if np.array_equal(r_ids, ids):
-            m = store.manifest(refilled)
+            m = currency.manifest(store, refilled)
             out["refill"] = score(r) | {"budget": m["producer"]["emb"]["budget"],
                                         "reextracted": m["summary"]["true_rows"]["reextracted"]}
     return out
@@ -294,7 +294,7 @@ def matrix(cfg: Config, store: Store) -> dict:
     """Every case whose embeddings exist, and the recall of every current index of the split;
     returns {"cases": [...], "gap_closed": {...}, "index_recall_at_10": {...}, "skipped": [...]}."""
     split, wanted = cfg.eval.split, cases(cfg)
-    present = {m for pair in wanted for m in pair if store.has_manifest(layout.embeddings(store, source(m)[0], split))}
+    present = {m for pair in wanted for m in pair if currency.has_manifest(store, layout.embeddings(store, source(m)[0], split))}
     pairs = [(q, g) for q, g in wanted if q in present and g in present]
     truth = features.split_truth(store, split)
     sources = {m: load_source(store, m, split, truth) for m in {m for pair in pairs for m in pair}}
@@ -336,10 +336,8 @@ def features_matrix(cfg: Config, store: Store, uri: str) -> dict:
     if not features.has_column(store, f.test, label):
         log.warning("%s has no label column %r: nothing to evaluate (set columns.label)", store.uri(f.test), label)
         return {"cases": [], "skipped": f"no label column {label!r}"}
-    x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
-    ids = x["id"].numpy()
-    labels = features.labels_of(ids, features.truth(store, f.test, f.columns["id"], label), store.uri(f.test), "rows",
-                                label)
+    x = features.read(store, f.test, f.columns, f.dims, with_ids=True, label=label)
+    ids, labels = x["id"].numpy(), x["label"].numpy()
     keep = np.arange(len(ids))
     if len(ids) > cfg.eval.exact_max_gallery:
         keep = np.sort(np.random.default_rng(0).choice(len(ids), cfg.eval.exact_max_gallery, replace=False))

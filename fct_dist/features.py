@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import lake, layout
-from .config import Columns, Config, digest
+from . import currency, lake, layout
+from .config import Columns, Config
+from .currency import digest
 from .lake import LakeError
 from .layout import FEATURES
 from .storage import Store
@@ -39,7 +40,7 @@ def open_lake(cfg: Config, store: Store, uri: str | None = None, name: str = FEA
     if uri is None:
         dirs, cols = [layout.embeddings(store, name, s) for s in layout.SPLITS], Columns()
         for d, split in zip(dirs, layout.SPLITS):
-            if not store.has_manifest(d):
+            if not currency.has_manifest(store, d):
                 raise LakeError(f"{store.uri(d)}: no finished feature lake; extract it first (fct extract --model old "
                                 f"--model side --model new --name {name} --split {split})")
     else:
@@ -58,16 +59,19 @@ def open_lake(cfg: Config, store: Store, uri: str | None = None, name: str = FEA
 
 
 def read(store: Store, directory: str, columns: dict[str, str], dims: dict[str, int],
-         with_ids: bool = False) -> dict[str, torch.Tensor]:
+         with_ids: bool = False, label: str | None = None) -> dict[str, torch.Tensor]:
     """{role: (n, d) float32} of a features lake; `columns` maps id, old, new (and side) to column names.
     Without side-info, `side` is `old` (the no-side transformation feeds old into both branches).
-    With `with_ids`, also "id": (n,) int64."""
+    With `with_ids`, also "id": (n,) int64; with `label` (a column), also "label": (n,) int32, in the
+    same read."""
     vec = {r: c for r, c in columns.items() if r != "id"}
-    t = lake.read_lake(store, directory, {columns["id"]: pa.int64()} | {c: dims[r] for r, c in vec.items()},
-                       columns=[columns["id"], *vec.values()], id_col=columns["id"])
+    extra = {label: pa.int32()} if label else {}
+    t = lake.read_lake(store, directory, {columns["id"]: pa.int64()} | {c: dims[r] for r, c in vec.items()} | extra,
+                       columns=[columns["id"], *vec.values(), *extra], id_col=columns["id"])
     x = {r: torch.from_numpy(lake.to_numpy(t[c])) for r, c in vec.items()}
     ids = {"id": torch.from_numpy(t[columns["id"]].to_numpy())} if with_ids else {}
-    return x | {"side": x.get("side", x["old"])} | ids
+    labels = {"label": torch.from_numpy(t[label].to_numpy())} if label else {}
+    return x | {"side": x.get("side", x["old"])} | ids | labels
 
 
 Truth = tuple[np.ndarray, np.ndarray]  # ids (sorted), their labels

@@ -1,6 +1,5 @@
-"""The Parquet lakes: schemas, validated readers and atomic writers.
+"""The vector lakes: schemas, validated readers and atomic writers (the image lake: `image_lake`).
 
-Image lake:     id int64, image binary (PNG/JPEG), label int32
 Embedding lake: id int64 + one fixed_size_list<float32>[d] per model
                 (file metadata key `fct`: JSON with the producing model of every vector column).
                 Read from any vector layout real lakes have (`vector_dim`): list<double> as Spark's
@@ -16,7 +15,6 @@ range from its footer). Any valid Parquet is read.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Iterable
@@ -25,13 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from . import currency, layout, snapshots
-from .config import digest
+from . import currency, snapshots
+from .currency import digest
 from .storage import Store, StorageError, is_storage_fault
 
-IMAGE_SCHEMA = pa.schema([("id", pa.int64()), ("image", pa.binary()), ("label", pa.int32())])
 META_KEY = b"fct"
 
 
@@ -270,7 +266,7 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
 
 def listed_paths(store: Store, directory: str) -> list[str]:
     """The paths of the files the lake's manifest lists (its current snapshot); [] without such a list."""
-    listed = store.manifest(directory).get("files") if store.has_manifest(directory) else None
+    listed = currency.manifest(store, directory).get("files") if currency.has_manifest(store, directory) else None
     return [f"{directory}/{n}" for n in snapshots.names(listed)] if isinstance(listed, list) else []
 
 
@@ -318,8 +314,8 @@ def read_lake(store: Store, directory: str, expected: dict[str, pa.DataType | in
 def identity(store: Store, directory: str) -> str:
     """What a finished lake is: its manifest's key (fct's own lakes), else a digest of its Parquet files'
     (path, size, version): a lake someone else wrote changes identity whenever a file is rewritten."""
-    if store.has_manifest(directory) and store.manifest(directory).get("key"):
-        return store.manifest(directory)["key"]
+    if currency.has_manifest(store, directory) and currency.manifest(store, directory).get("key"):
+        return currency.manifest(store, directory)["key"]
     listed = store.list_versions(directory, ".parquet", recursive=True)
     if not listed:
         raise LakeError(f"{store.uri(directory)}: no Parquet files (empty lake)")
@@ -344,86 +340,3 @@ def column_dims(store: Store, directory: str, columns: Iterable[str]) -> dict[st
             d = vectors(first.slice(0, 1))[0].shape[1]
         dims[c] = d
     return dims
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
-    out = io.BytesIO()
-    Image.fromarray(img).save(out, format="PNG")
-    return out.getvalue()
-
-
-def decode_image(data: bytes, size: int | None = None, resize: int | None = None, channels: int = 3) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`: RGB (or grey for channels=1), the shorter side
-    resized to `resize` (default size), centre-cropped to size x size."""
-    im = Image.open(io.BytesIO(data))
-    if size is None:
-        return np.asarray(im)
-    r, mode = resize or size, "RGB" if channels == 3 else "L"
-    im.draft(mode, (r, r))  # JPEG: let libjpeg decode at the smallest scale still >= r
-    im = ImageOps.fit(im.convert(mode), (r, r))  # = shorter side to r, centre square
-    if r > size:
-        o = (r - size) // 2
-        im = im.crop((o, o, o + size, o + size))
-    return np.asarray(im)
-
-
-def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
-                  ids: np.ndarray | None = None, size: int | None = None, resize: int | None = None,
-                  channels: int = 3) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (n, C, H, W) (see decode_image); an image that does not decode is named by id."""
-    values = col.to_pylist() if hasattr(col, "to_pylist") else col
-    out = []
-    for i, b in enumerate(values):
-        try:
-            a = decode_image(b, size, resize, channels)
-        except Exception as e:  # PIL raises many types for corrupt bytes
-            who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
-            raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    if len({a.shape for a in out}) > 1:
-        raise LakeError(f"{where}: images of different sizes {sorted({a.shape for a in out})}; "
-                        "expected one size per lake")
-    return np.stack(out) if out else np.zeros((0, 1, 1, 1), np.uint8)
-
-
-def write_image_split(store: Store, split: str, ids: np.ndarray, images: list[bytes], labels: np.ndarray,
-                      rows_per_file: int, producer: dict, key: str) -> dict:
-    """Write encoded images to images/{split}/, then its manifest for `key` (what the images were made
-    from, see `currency`); returns the manifest."""
-    directory = layout.images(store, split)
-    if store.exists(directory):
-        store.delete(directory)
-    files, nbytes = [], 0
-    for k, start in enumerate(range(0, len(ids), rows_per_file)):
-        sl = slice(start, start + rows_per_file)
-        table = pa.table({"id": pa.array(ids[sl], pa.int64()), "image": pa.array(images[sl], pa.binary()),
-                          "label": pa.array(labels[sl], pa.int32())}, schema=IMAGE_SCHEMA)
-        path = f"{directory}/{part_name(k)}"
-        nbytes += write_part(store, path, table)
-        files.append(path.rsplit("/", 1)[1])
-    shape = decode_images(images[:1], store.uri(directory)).shape[1:] if images else ()
-    manifest = {"kind": "images", "split": split, "rows": int(len(ids)), "files": files, "bytes": nbytes,
-                "schema": IMAGE_SCHEMA.to_string(), "image_shape": list(shape),
-                "labels": sorted(int(c) for c in np.unique(labels)), "producer": producer}
-    return currency.commit(store, directory, key, manifest)
-
-
-def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
-                limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, uint8 images (n, C, H, W), labels) of one split, optionally only some labels / the first `limit`."""
-    directory = layout.images(store, split)
-    image_manifest(store, split)
-    table = read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
-    y = table["label"].to_numpy()
-    keep = np.isin(y, list(labels)) if labels is not None else np.ones(len(y), bool)
-    idx = np.flatnonzero(keep)[:limit]
-    ids = table["id"].to_numpy()[idx]
-    return ids, decode_images(table["image"].take(idx), store.uri(directory), ids), y[idx]
-
-
-def image_manifest(store: Store, split: str) -> dict:
-    try:
-        return store.manifest(layout.images(store, split))
-    except StorageError as e:
-        raise LakeError(f"{e}; fill the image lake first with `fct data`") from None

@@ -25,6 +25,7 @@ STORED = "stored"  # id, old, side: what was kept at old-model time, the backfil
 FEATURES = "features"  # id, old, side, new: the transformation's training data
 REFILL = "refill"  # id, emb, uncertainty, reextracted: the backfilled gallery with its least sure part re-extracted
 SPLITS = ("train", "test")
+MANIFEST = "_manifest.json"  # in every finished folder, written last: without it the folder is not done
 
 
 # The version chain: version 1 is the old model, 2 the new one, 3, 4, ... the ones after it. The upgrade to

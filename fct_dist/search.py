@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import lake, layout, report
+from . import image_lake, lake, layout, report
 from .lake import LakeError
 from .models import registry
 from .pipeline import index
@@ -27,7 +27,7 @@ class Images:
 
 def images(store: Store, split: str, ids: list[int] | np.ndarray) -> Images:
     """The images of `ids` in images/{split}, in the order asked; an error names the ids not there."""
-    lake.image_manifest(store, split)
+    image_lake.image_manifest(store, split)
     directory = layout.images(store, split)
     t = lake.read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
     all_ids = t["id"].to_numpy()
@@ -38,7 +38,7 @@ def images(store: Store, split: str, ids: list[int] | np.ndarray) -> Images:
                         f"{all_ids.min()} to {all_ids.max()}, {len(all_ids)} images)")
     order = np.argsort(all_ids)
     take = pa.array(order[np.searchsorted(all_ids, ids, sorter=order)])
-    return Images(ids, lake.decode_images(t["image"].take(take), store.uri(directory), ids),
+    return Images(ids, image_lake.decode_images(t["image"].take(take), store.uri(directory), ids),
                   t["label"].take(take).to_numpy())
 
 

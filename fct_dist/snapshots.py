@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 
 from .lease import Lease
-from .storage import MANIFEST, Conflict, Store, StorageError
+from .layout import MANIFEST
+from .storage import Conflict, Store, StorageError
 
 log = logging.getLogger(__name__)
 SNAPSHOTS = "_snapshots"

@@ -15,7 +15,7 @@ import ray
 
 from fct_dist.storage import open_store
 
-from .support import make_cfg
+from .support import SESSION_EPOCHS, make_cfg
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
@@ -65,7 +65,8 @@ def trained(tmp_path_factory, ray_local):
     once per session: every artefact, lake, index and report."""
     from fct_dist import upgrade
     cfg = make_cfg(str(tmp_path_factory.mktemp("trained") / "root"), "versions.classes=[6, null]",
-                   "train.num_workers=0")  # in the driver: Ray Train itself is tested by test_train, test_jobs, the faults
+                   "train.num_workers=0",  # in the driver: Ray Train itself is tested by test_train, test_jobs, the faults
+                   *SESSION_EPOCHS)  # test_train checks that each model learnt, on the held-out images
     store = open_store(cfg.storage)
     report_dir = upgrade.upgrade(cfg, store)
     return cfg, store, report_dir

@@ -14,12 +14,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from fct_dist import config, lake
+from fct_dist import config, currency, lake
 from fct_dist.models import registry
 from fct_dist.storage import Store
 
 
 LOCAL = ("backfill.distributor=local",)
+# The session's training (conftest's `trained`): epochs enough for every tiny model to learn
+SESSION_EPOCHS = tuple(f"train.{m}.epochs={e}" for m, e in (("old", 20), ("side", 20), ("new", 10), ("bct", 10)))
 
 
 def cli(root, *args: str, endpoint: str | None = None) -> list[str]:
@@ -90,7 +92,7 @@ def output_of(manifest: dict) -> dict[str, str]:
 
 def committed(store: Store, directory: str) -> dict[str, bytes]:
     """The bytes a reader of the lake's current snapshot sees: its manifest and every file it lists."""
-    m = store.manifest(directory)
+    m = currency.manifest(store, directory)
     return {"_manifest.json": store.read_bytes(f"{directory}/_manifest.json")} | {
         e["path"]: store.read_bytes(f"{directory}/{e['path']}") for e in m["files"]}
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fct_dist import lake
+from fct_dist import currency, lake
 from fct_dist.bench import fixtures, profiles as bench
 from fct_dist.config import Projection
 from fct_dist.bench.projection import project
 from fct_dist.storage import open_store
 
-from .support import read_output
+from .support import expected_backfill, read_output
 
 
 @pytest.mark.slow
@@ -106,8 +106,10 @@ def test_scale_profile_backfills_indexes_and_measures_recall_against_exact_searc
     assert [b["rows"] for b in r["backfill"]] == [1500, 3000] and [b["files"] for b in r["backfill"]] == [3, 6]
     root = store.sub("bench", "scale")
     ids, emb = read_output(root, root.path("embeddings", bench_scale.OUT, "c3000"))
-    assert np.array_equal(ids, np.arange(3000))
-    assert not root.has_manifest(root.path("embeddings", bench_scale.OUT, "c1500"))  # only the largest is kept
+    want_ids, want = expected_backfill(root, "fct", root.path("embeddings", "stored", "c3000"))  # h in plain torch
+    assert np.array_equal(ids, np.arange(3000)) and np.array_equal(want_ids, ids)
+    np.testing.assert_allclose(emb, want, rtol=1e-4, atol=1e-5)
+    assert not currency.has_manifest(root, root.path("embeddings", bench_scale.OUT, "c1500"))  # only the largest is kept
     curve = {p["nprobe"]: p for p in r["search"]["curve"]}
     assert curve[16]["recall"] == 1.0 and curve[16]["nearest_in_top_k"] == 1.0
     assert curve[1]["recall"] < 1.0

@@ -18,10 +18,11 @@ import numpy as np
 import psutil
 import pytest
 
-from fct_dist import lake, layout
+from fct_dist import currency, lake, layout
 from fct_dist.lake import LakeError
 from fct_dist.lease import LEASE, Lease, LeaseHeld, LeaseLost, machine
 from fct_dist.pipeline import backfill, distribute, filemap
+from fct_dist.pipeline.filejob import InputChanged
 from fct_dist.storage import Conflict, StorageError, open_store
 
 from .harness.faultproxy import FaultProxy
@@ -55,13 +56,41 @@ def assert_backfilled(store, h_name: str, stored: str, out: str) -> None:
     np.testing.assert_allclose(emb, want, atol=1e-5)
 
 
+def test_an_input_rewritten_after_it_was_mapped_commits_nothing_and_the_rerun_is_exact(engine):
+    """An input file rewritten mid-run (same ids and size, other vectors) after this run mapped it: the
+    commit's check finds it changed and nothing is committed; the rerun backfills the new content. Without
+    the check the old vectors would be committed as the lake of the new input."""
+    cfg, store, meta = engine
+    files, rows = 20, 2000
+    id_lake(store, store.path("in"), meta, files=files, rows_per_file=rows)
+    cfg.backfill.batch_size, errors = 16, []
+    run = threading.Thread(target=lambda: errors.append(pytest.raises(InputChanged, backfill_in, cfg, store)))
+    run.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not store.list(out_dir(store), ".parquet"):
+        time.sleep(0.05)
+    done = store.list(out_dir(store), ".parquet")
+    k = int(done[0].rsplit("/", 1)[1].split(".")[0].removeprefix("part-"))  # the input behind the first output
+    before = store.read_bytes(store.path("in", lake.part_name(k)))
+    write_stored(store, store.path("in"), {lake.part_name(k): {"ids": list(range(k * rows, (k + 1) * rows))}}, meta,
+                 seed=1)
+    changed = store.read_bytes(store.path("in", lake.part_name(k)))
+    assert len(changed) == len(before) and changed != before
+    run.join(timeout=300)
+    assert len(done) < files, "the rewrite did not land mid-run"
+    assert errors and lake.part_name(k) in str(errors[0].value) and "nothing was committed" in str(errors[0].value)
+    assert not currency.has_manifest(store, out_dir(store))
+    backfill_in(cfg, store)
+    assert_backfilled(store, "fct", store.path("in"), out_dir(store))  # h of the rewritten file's vectors
+
+
 def test_a_lake_regenerated_under_the_same_names_is_mapped_again(engine):
     cfg, store, meta = engine
     id_lake(store, store.path("in"), meta, files=3, rows_per_file=50)
     backfill_in(cfg, store)
     store.delete(store.path("in"))  # other ids under the same names, and one file fewer
     id_lake(store, store.path("in"), meta, files=2, rows_per_file=50, seed=1, first_id=1000)
-    first = store.manifest(out_dir(store))
+    first = currency.manifest(store, out_dir(store))
     m = backfill_in(cfg, store)
     assert_backfilled(store, "fct", store.path("in"), out_dir(store))
     assert sorted(output_of(m)) == ["part-00000.parquet", "part-00001.parquet"] and len(m["files"]) == 2
@@ -163,6 +192,33 @@ def test_conditional_writes_let_one_of_two_writers_win(any_cfg):
     assert store.read_versioned(path) == (b"c", v1)
 
 
+def test_conditional_writes_at_once_let_exactly_one_writer_win(any_cfg):
+    """Eight writers that all read the same version write at the same moment, for several rounds: one wins
+    each round (its bytes are what is there after), the others get Conflict. A read-compare-write without
+    the lock (or an unconditional PUT) lets several win."""
+    store = open_store(any_cfg().storage)
+    path = store.path("x", "race.json")
+    version = store.write_if(path, b"start", None)
+    for r in range(5):
+        start, results = threading.Barrier(8), [None] * 8
+
+        def write(i: int) -> None:
+            start.wait()
+            try:
+                results[i] = store.write_if(path, f"round {r} writer {i}".encode(), version)
+            except Conflict:
+                results[i] = "conflict"
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [i for i, v in enumerate(results) if v != "conflict"]
+        assert len(won) == 1, (r, results)
+        version = results[won[0]]
+        assert store.read_versioned(path) == (f"round {r} writer {won[0]}".encode(), version)
+
+
 def test_a_run_whose_lease_is_taken_over_does_not_commit(engine):
     cfg, store, meta = engine
     id_lake(store, store.path("in"), meta, files=20, rows_per_file=2000)
@@ -183,7 +239,7 @@ def test_a_run_whose_lease_is_taken_over_does_not_commit(engine):
         raise AssertionError("could not take the lease over in 20 tries")
     run.join(timeout=300)
     assert errors and "lease was taken over by pid 1 on elsewhere" in str(errors[0].value)
-    assert len(store.list(out_dir(store), ".parquet")) < 20 and not store.has_manifest(out_dir(store))
+    assert len(store.list(out_dir(store), ".parquet")) < 20 and not currency.has_manifest(store, out_dir(store))
 
 
 def test_a_storage_fault_in_the_footer_scan_stops_the_job(s3_cfg, s3_endpoint):
@@ -201,7 +257,7 @@ def test_a_storage_fault_in_the_footer_scan_stops_the_job(s3_cfg, s3_endpoint):
         assert proxy.counts["fail"] == 1
     finally:
         proxy.stop()
-    assert not direct.has_manifest(out_dir(direct))
+    assert not currency.has_manifest(direct, out_dir(direct))
 
 
 BUGGY = """
@@ -227,7 +283,7 @@ def test_the_row_check_holds_under_python_O(local_cfg):
     r = subprocess.run([sys.executable, "-O", "-c", BUGGY, cfg.storage.root], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "RuntimeError: backfill: the batch function returned emb of shape (9, 16)" in r.stderr, \
         r.stderr[-2000:]
-    assert not store.has_manifest(out_dir(store))
+    assert not currency.has_manifest(store, out_dir(store))
 
 
 class KillsItsWorker:
@@ -255,7 +311,7 @@ def test_a_poison_file_is_retried_a_bounded_number_of_times(ray_local, local_cfg
     if policy == "fail":
         with pytest.raises(LakeError, match=r"in/part-00002\.parquet: killed its worker 2 times"):
             filemap.run(job, distribute.of(cfg, job.actors))
-        assert not store.has_manifest(out_dir(store))
+        assert not currency.has_manifest(store, out_dir(store))
         return
     m = filemap.run(job, distribute.of(cfg, job.actors))
     s = m["summary"]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import evaluate, features, lake, losses
+from fct_dist import currency, evaluate, features, lake, layout, losses
 from fct_dist.models import registry
 from fct_dist.pipeline import refill
 from fct_dist.storage import open_store
@@ -93,7 +93,7 @@ def check_refill(store, out: str, k: int) -> None:
     np.testing.assert_array_equal(got["id"].to_numpy(), ids)  # every id once
     np.testing.assert_array_equal(got["reextracted"].to_numpy(), picked)
     np.testing.assert_allclose(lake.to_numpy(got["emb"]), want, atol=1e-5)
-    summary = store.manifest(out)["summary"]
+    summary = currency.manifest(store, out)["summary"]
     assert summary["true_rows"] == {"reextracted": k} and summary["rows_out"] == len(ids)
 
 
@@ -111,7 +111,7 @@ def split_lake(store, directory: str, files: int) -> None:
     """Rewrite a finished lake of ours as `files` files (its producer metadata and manifest kept)."""
     t = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")
     schema_meta = lake.read_schema(store, lake.parts(store, directory)[0]).metadata
-    m = store.manifest(directory)
+    m = currency.manifest(store, directory)
     for path in lake.parts(store, directory):
         store.delete(path)
     bounds = np.linspace(0, t.num_rows, files + 1).astype(int)
@@ -134,9 +134,9 @@ def test_a_killed_refill_resumes_exactly_once(ray_local, trained, local_cfg):
     wait_for_files(store, out, 2, lambda: proc.poll() is None)
     kill_session(proc)
     done_at_kill = len(store.list(out, ".parquet"))
-    assert 2 <= done_at_kill < files and not store.has_manifest(out), "the kill did not land mid-run"
+    assert 2 <= done_at_kill < files and not currency.has_manifest(store, out), "the kill did not land mid-run"
     subprocess.run(args, check=True, capture_output=True, timeout=600)
-    m = store.manifest(out)
+    m = currency.manifest(store, out)
     assert m["summary"]["files_mapped_this_run"] == files - done_at_kill  # the files done before the kill were kept
     check_refill(store, out, m["rows"])
 
@@ -156,6 +156,21 @@ def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     assert (curve["refill"]["top1"], curve["refill"]["map"]) == pytest.approx(
         (curve["curves"]["uncertainty"]["top1"][i], curve["curves"]["uncertainty"]["map"][i]))
     assert set(curve["curves"]) == {"uncertainty", "random", "oracle"}
+    # an interior point of each order, against a gallery mixed here by that order; each AUC is its points' mean
+    s = lake.read_lake(store, layout.embeddings(store, "fct", "test"), {"id": pa.int64()},
+                       columns=["id", cfg.columns.uncertainty]).sort_by("id")[cfg.columns.uncertainty].to_numpy()
+    orders = {"uncertainty": np.lexsort((ids, -s)), "random": np.random.default_rng(0).permutation(len(ids)),
+              "oracle": np.lexsort((ids, -np.linalg.norm(h - new, axis=1)))}  # most uncertain / wrong first, ties by id
+    i = 3
+    count = round(curve["fractions"][i] * len(ids))
+    assert 0 < count < len(ids)
+    for order, first in orders.items():
+        g = h.copy()
+        g[first[:count]] = new[first[:count]]
+        r = evaluate.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
+        c = curve["curves"][order]
+        assert (c["top1"][i], c["map"][i]) == pytest.approx((r["cmc"][0], r["map"])), order
+        assert (c["auc_top1"], c["auc_map"]) == pytest.approx((np.mean(c["top1"]), np.mean(c["map"]))), order
 
 
 def test_labels_map_ids_to_the_classifiers_classes_and_name_what_is_missing(local_cfg):

@@ -16,7 +16,9 @@ import numpy as np
 import psutil
 import pytest
 
+from fct_dist import currency
 from fct_dist.config import Storage
+from fct_dist.lease import LEASE
 from fct_dist.models import registry
 from fct_dist.pipeline import backfill, index
 from fct_dist.storage import open_store
@@ -41,7 +43,7 @@ def exactly_once(store, out: str, stored: str) -> None:
     want_ids, want = expected_backfill(store, "fct", stored)
     np.testing.assert_array_equal(ids, want_ids)  # sorted, so equality = every id once
     np.testing.assert_allclose(emb, want, atol=1e-5)
-    m = store.manifest(out)["summary"]
+    m = currency.manifest(store, out)["summary"]
     assert m["rows_in"] == m["rows_out"] == len(want_ids) and m["rows_rejected"] == 0
 
 
@@ -56,6 +58,7 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
     deadline = time.time() + 120
     while time.time() < deadline and len(store.list(out, ".parquet")) < 2:
         time.sleep(0.1)
+    before = {p.pid for p in processes("RayFileWorker")}
     (victim, *_) = processes("RayFileWorker")
     victim.send_signal(signal.SIGKILL)
     done_at_kill = len(store.list(out, ".parquet"))
@@ -63,6 +66,9 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
     assert "m" in result, "the backfill did not finish after its actor was killed"
     assert 2 <= done_at_kill < FILES, "the kill did not land mid-run"
     assert not victim.is_running() and "a worker died while mapping" in caplog.text  # its files were retried
+    # a replacement actor (a pid that did not exist at the kill) mapped some of the files
+    workers = {int(r["worker"].rsplit(":", 1)[1]) for r in result["m"]["per_file"]}
+    assert workers - before, f"no file was mapped by a new actor: {workers} all existed before the kill ({before})"
     exactly_once(store, out, stored)
 
 
@@ -70,7 +76,9 @@ def test_killed_actor_is_replaced_and_the_backfill_ends_exactly_once(ray_local, 
 def faulty_s3(trained, s3_endpoint):
     """A bucket holding the trained models and lakes (written directly), reached through a proxy
     that injects faults into 5 % of the requests."""
-    proxy = FaultProxy(s3_endpoint, fraction=0.05, stall_seconds=2.0).start()
+    # every 20th request faulted, the kinds in turn; and the reply to the first conditional write of the
+    # backfill's lease lost (the write lands, the client retries it and must recognise its own write)
+    proxy = FaultProxy(s3_endpoint, fraction=0.05, stall_seconds=2.0, lose=rf"^PUT \S*/{LEASE}").start()
     bucket = f"fct-{uuid.uuid4().hex[:10]}"
     direct = open_store(make_cfg(f"s3://{bucket}/lake", endpoint=s3_endpoint).storage)
     for part in ("models", "images", "embeddings/stored"):
@@ -83,7 +91,9 @@ def faulty_s3(trained, s3_endpoint):
 def test_backfill_index_and_checkpoints_survive_5_percent_s3_faults(ray_local, trained, faulty_s3):
     cfg, store, proxy = faulty_s3
     _, local, _ = trained
+    seen = {"before": len(proxy.injected)}
     m = backfill.backfill(cfg, store, "fct", "test")
+    seen["backfill"] = len(proxy.injected)
     ids, emb = read_output(store, store.path("embeddings", "fct", "test"))
     ref_ids, ref_emb = read_output(local, local.path("embeddings", "fct", "test"))
     np.testing.assert_array_equal(ids, ref_ids)
@@ -94,9 +104,15 @@ def test_backfill_index_and_checkpoints_survive_5_percent_s3_faults(ray_local, t
     d, i = index.search(store, "fct", "test", ref_emb[:20], 5, cfg.index.nprobe)
     d_ref, i_ref = index.search(local, "fct", "test", ref_emb[:20], 5, cfg.index.nprobe)
     np.testing.assert_array_equal(i, i_ref)
+    seen["index"] = len(proxy.injected)
     meta = stages.train_old(cfg, store, force=True)  # Ray Train checkpoints every epoch to the faulty bucket
     assert [h["epoch"] for h in meta["metrics"]["history"]] == list(range(1, cfg.train.old.epochs + 1))
-    assert proxy.requests > 100 and all(proxy.counts[k] > 0 for k in KINDS), proxy.counts
+    seen["training"] = len(proxy.injected)
+    marks = list(seen.values())
+    per_stage = {stage: [kind for kind, _ in proxy.injected[a:b]] for stage, a, b in zip(list(seen)[1:], marks, marks[1:])}
+    assert all(k in per_stage["backfill"] for k in KINDS), per_stage  # each kind landed in the backfill itself
+    assert [r for k, r in proxy.injected[seen["before"]:seen["backfill"]] if k == "lost" and LEASE in r], per_stage
+    assert per_stage["index"] and per_stage["training"], per_stage
 
 
 def test_permanently_failing_object_stops_the_job_naming_it(ray_local, trained, s3_endpoint):
@@ -111,7 +127,7 @@ def test_permanently_failing_object_stops_the_job_naming_it(ray_local, trained, 
             backfill.backfill(cfg, open_store(cfg.storage), "fct", "test")
         assert proxy.counts["fail"] >= 2  # retried, then given up
         out = direct.path("embeddings", "fct", "test")
-        assert not direct.has_manifest(out) and not [p for p in direct.list(out) if "/part-00001." in p]
+        assert not currency.has_manifest(direct, out) and not [p for p in direct.list(out) if "/part-00001." in p]
     finally:
         proxy.stop()
 

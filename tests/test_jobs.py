@@ -15,10 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fct_dist import currency
 from fct_dist.config import Storage
 from fct_dist.storage import open_store
 
-from .support import copy_tree
+from .support import SESSION_EPOCHS, copy_tree
 
 ROOT = Path(__file__).parent.parent
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -69,22 +70,23 @@ def test_upgrade_job_on_a_cluster_over_s3(ray_head, s3_endpoint, trained):
     bucket = f"fct-job-{uuid.uuid4().hex[:8]}"
     root = f"s3://{bucket}/lake"
     store = open_store(Storage(root=root, s3_endpoint=s3_endpoint))
-    # the session's old and side models are current for this config too (their keys do not depend on
-    # versions.*): the job skips them, which keeps make test short, and trains every later model itself
-    for part in ("images", "models/old", "models/side"):
+    # the session's old, side, new and BCT models are current for this config too (the same training
+    # settings, new on the same 6 classes; no v3): the job skips them, which keeps make test short, and
+    # trains h (Ray Train on the cluster) and runs every data-parallel stage itself
+    for part in ("images", "models/old", "models/side", "models/new", "models/bct"):
         copy_tree(trained[1], store, part)
-    out = submit(ray_head, "jobs/upgrade.py", "--preset", "tiny", "--set", f"storage.root={root}",
-                 "--set", f"storage.s3_endpoint={s3_endpoint}")
+    sets = [f"storage.root={root}", f"storage.s3_endpoint={s3_endpoint}", "versions.classes=[6]", *SESSION_EPOCHS]
+    out = submit(ray_head, "jobs/upgrade.py", "--preset", "tiny", *(x for s in sets for x in ("--set", s)))
     log = out.stdout + out.stderr
     assert out.returncode == 0 and "succeeded" in log, log[-4000:]
-    assert "[old] up to date" in log and "[side] up to date" in log
-    assert "[new] epoch 1/1" in log and "rows read" in log  # progress reaches the job log
+    assert all(f"[{m}] up to date" in log for m in ("old", "side", "new", "bct")), log[-4000:]
+    assert "[fct] epoch 20/20" in log and "rows read" in log  # progress reaches the job log
     assert "| new / FCT (with side-info) |" in log
     for name in ("old", "side", "new", "bct", "fct", "fct-noside"):
         assert store.exists(store.path("models", name, "model.pt"))
     for lake in ("stored", "new", "bct", "fct", "fct-noside"):
-        assert store.has_manifest(store.path("embeddings", lake, "test"))
-    assert store.has_manifest(store.path("index", "fct", "test"))
+        assert currency.has_manifest(store, store.path("embeddings", lake, "test"))
+    assert currency.has_manifest(store, store.path("index", "fct", "test"))
     reports = [i.path for i in store.fs.get_file_info(
         __import__("pyarrow.fs").fs.FileSelector(store.path("reports"), recursive=True)) if i.path.endswith("report.md")]
     assert len(reports) == 1

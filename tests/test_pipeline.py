@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import lake
+from fct_dist import currency, image_lake, lake
 from fct_dist.config import Storage
 from fct_dist.lake import LakeError
 from fct_dist.models import registry
@@ -51,7 +51,7 @@ def test_backfill_equals_h_applied_directly(ray_local, stage_store):
 def test_extract_equals_models_applied_directly(ray_local, stage_store):
     cfg, store = stage_store
     extract.extract(cfg, store, "test", {"old": "old", "side": "side"}, "again")
-    ids, x, _ = lake.read_images(store, "test")
+    ids, x, _ = image_lake.read_images(store, "test")
     out = lake.read_lake(store, store.path("embeddings", "again", "test"), {"id": pa.int64()}).sort_by("id")
     np.testing.assert_array_equal(out["id"].to_numpy(), np.sort(ids))
     order = np.argsort(ids)
@@ -136,7 +136,7 @@ def test_wrong_dims_or_producer_fail_before_any_work(trained, local_cfg):
     with pytest.raises(LakeError, match=r"column 'side' holds embeddings of model version '0123456789abcdef'"):
         backfill.backfill(cfg, store, "fct", input=store.uri(store.path("prod")))
     out = store.path("embeddings", "fct", "test")
-    assert not store.list(out, ".parquet") and not store.has_manifest(out)
+    assert not store.list(out, ".parquet") and not currency.has_manifest(store, out)
 
 
 def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
@@ -157,7 +157,7 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
         time.sleep(0.2)
     kill_session(proc)
     done = len(store.list(out, ".parquet"))
-    assert 3 <= done < 40 and not store.has_manifest(out), "the kill did not land midway"
+    assert 3 <= done < 40 and not currency.has_manifest(store, out), "the kill did not land midway"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming: {done} of 40 files already done" in rerun.stderr
@@ -165,7 +165,7 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
     want_ids, want = expected_backfill(store, "fct", store.path("big"))
     np.testing.assert_array_equal(ids, want_ids)  # sorted and equal: every id exactly once
     np.testing.assert_allclose(emb, want, atol=1e-5)
-    m = store.manifest(out)
+    m = currency.manifest(store, out)
     assert m["summary"]["rows_in"] == m["summary"]["rows_out"] == 40 * 3000
     assert m["summary"]["files_mapped_this_run"] == 40 - done
 
@@ -179,7 +179,7 @@ def test_undecodable_image_is_quarantined_by_id(trained, local_cfg):
     table = lake.read_part(src, good, {"id": pa.int64()})
     images = table["image"].to_pylist()
     images[3] = b"\x89PNG broken"
-    lake.write_image_split(store, "test", table["id"].to_numpy(), images, table["label"].to_numpy(), 1000, {}, "test")
+    image_lake.write_image_split(store, "test", table["id"].to_numpy(), images, table["label"].to_numpy(), 1000, {}, "test")
     m = extract.extract(cfg, store, "test", {"old": "old"}, "probe")
     assert (m["summary"]["rows_in"], m["summary"]["rows_out"], m["summary"]["rows_rejected"]) == (100, 99, 1)
     rejected = lake.read_lake(store, store.path("rejected", "probe", "test"), {"id": pa.int64(), "reason": pa.string()})

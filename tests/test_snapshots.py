@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fct_dist import lake, layout, snapshots
+from fct_dist import currency, lake, layout, snapshots
 from fct_dist.lake import LakeError
 from fct_dist.lease import LEASE, Lease, LeaseHeld, machine
 from fct_dist.pipeline import backfill
-from fct_dist.storage import MANIFEST, open_store
+from fct_dist.layout import MANIFEST
+from fct_dist.storage import open_store
 
 from .support import LOCAL, cli, committed, expected_backfill, h_direct, holder, id_lake, output_of, read_output, tiny_transformations, write_stored
 from .harness.kill import processes, wait_for_files
@@ -80,12 +81,12 @@ def test_a_paused_writer_never_touches_the_lake_another_run_finished(where, paus
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "complete and current: nothing to do" in again.stderr, again.stderr[-2000:]
     assert committed(store, out_dir(store)) == finished
-    victim = store.manifest(out_dir(store))["files"][3]["path"]  # a damaged finished lake is named and repaired
+    victim = currency.manifest(store, out_dir(store))["files"][3]["path"]  # a damaged finished lake is named and repaired
     store.delete(f"{out_dir(store)}/{victim}")
     repair = subprocess.run(cli(cfg.storage.root, *common, "--model", "fct-b", endpoint=endpoint),
                             capture_output=True, text=True, timeout=300)
     assert repair.returncode == 0 and f"{victim} is missing" in repair.stderr, repair.stderr[-2000:]
-    m = store.manifest(out_dir(store))
+    m = currency.manifest(store, out_dir(store))
     assert m["summary"]["files_mapped_this_run"] == 1 and m["generation"] == json.loads(finished[MANIFEST])["generation"] + 1
     assert_backfilled(store, "fct-b")
 
@@ -106,7 +107,7 @@ def test_a_commit_from_a_stale_generation_commits_nothing(any_cfg):
     snapshots.commit(store, d, a, "k2", {"files": [], "who": "a"})
     with pytest.raises(snapshots.SnapshotMoved, match=r"started from generation 1; generation 2 was committed"):
         snapshots.commit(store, d, b, "k3", {"files": [], "who": "b"})
-    m = store.manifest(d)
+    m = currency.manifest(store, d)
     assert (m["generation"], m["who"], m["key"]) == (2, "a", "k2") and first["generation"] == 1
     assert store.read_json(store.path("lake", "_snapshots", "00000001.json"))["key"] == "k1"
 
@@ -270,7 +271,7 @@ def test_local_outputs_are_fsynced_before_their_rename_and_the_folder_after(loca
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     calls = open(trace).read().splitlines()  # -y: each fd printed with its path, fsync(7</path/to/file>)
-    for name in [e["path"] for e in store.manifest(out_dir(store))["files"]] + [MANIFEST]:
+    for name in [e["path"] for e in currency.manifest(store, out_dir(store))["files"]] + [MANIFEST]:
         final = f"{out_dir(store)}/{name}"
         (k,) = [k for k, c in enumerate(calls) if "rename" in c and f'"{final}"' in c]
         tmp = calls[k].split('"')[1]

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fct_dist import lake
+from fct_dist import currency, image_lake, lake
 from fct_dist.datasets import synthetic
 from fct_dist.lake import LakeError
 from fct_dist.storage import StorageError, open_store
@@ -21,16 +21,16 @@ def test_image_lake_round_trip(any_cfg):
     store = store_of(any_cfg())
     labels = np.array([0, 1, 2, 1, 0], np.int32)
     images = synthetic.generate(labels, 16, 1, seed=0)
-    m = lake.write_image_split(store, "train", np.arange(5), [lake.encode_png(i) for i in images], labels, 2,
+    m = image_lake.write_image_split(store, "train", np.arange(5), [image_lake.encode_png(i) for i in images], labels, 2,
                                {"source": "test"}, "test")
     assert m["rows"] == 5 and m["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert m["labels"] == [0, 1, 2] and m["image_shape"] == [1, 16, 16]
-    assert store.manifest(store.path("images", "train"))["rows"] == 5
-    ids, x, y = lake.read_images(store, "train")
+    assert currency.manifest(store, store.path("images", "train"))["rows"] == 5
+    ids, x, y = image_lake.read_images(store, "train")
     np.testing.assert_array_equal(ids, np.arange(5))
     np.testing.assert_array_equal(x[:, 0], images)
     np.testing.assert_array_equal(y, labels)
-    ids, x, y = lake.read_images(store, "train", labels=[1])
+    ids, x, y = image_lake.read_images(store, "train", labels=[1])
     np.testing.assert_array_equal(ids, [1, 3])
 
 
@@ -141,7 +141,7 @@ def test_a_failed_multipart_upload_leaves_the_previous_version(s3_cfg, s3_endpoi
 def test_missing_manifest_is_a_clear_error(any_cfg):
     store = store_of(any_cfg())
     with pytest.raises(StorageError, match="is not a finished dataset: _manifest.json is missing"):
-        store.manifest(store.path("embeddings", "nothing"))
+        currency.manifest(store, store.path("embeddings", "nothing"))
 
 
 def write_vectors(store, name, ids, d=8, col="old"):
@@ -183,7 +183,7 @@ def test_empty_lake_is_an_error(any_cfg):
 
 def test_undecodable_image_is_named_by_id():
     with pytest.raises(LakeError, match="image of id 42 does not decode"):
-        lake.decode_images([b"not a png"], "f.parquet", np.array([42]))
+        image_lake.decode_images([b"not a png"], "f.parquet", np.array([42]))
 
 
 def test_storage_root_forms(tmp_path):
@@ -198,5 +198,25 @@ def test_storage_root_forms(tmp_path):
 def test_jpeg_is_resized_and_centre_cropped_to_the_model_input():
     from fct_dist.datasets import synthetic
     jpegs = synthetic.jpeg_photos(2, 48, seed=0)  # 64 x 48 RGB
-    assert lake.decode_images(jpegs).shape == (2, 3, 48, 64)
-    assert lake.decode_images(jpegs, size=32).shape == (2, 3, 32, 32)
+    assert image_lake.decode_images(jpegs).shape == (2, 3, 48, 64)
+    assert image_lake.decode_images(jpegs, size=32).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("w, h", [(64, 48), (48, 64)])
+def test_images_are_fitted_pixel_for_pixel_like_a_pil_reference(w, h):
+    """Noise (no symmetry to hide a transposed or off-centre crop), wide and tall: the shorter side resized
+    to `resize` by bicubic over the centre square (the box computed here), then the centre `size` x `size`
+    cut out of it when `resize` is larger; both branches, against PIL directly."""
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, 3), np.uint8)
+    png = image_lake.encode_png(pixels)
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # the centre square
+
+    def reference(r: int) -> np.ndarray:  # (3, r, r)
+        return np.asarray(Image.fromarray(pixels).resize((r, r), Image.Resampling.BICUBIC, box=box)).transpose(2, 0, 1)
+
+    np.testing.assert_array_equal(image_lake.decode_images([png], size=32)[0], reference(32))
+    o = (40 - 32) // 2  # resize 40, then the centre 32 x 32
+    np.testing.assert_array_equal(image_lake.decode_images([png], size=32, resize=40)[0],
+                                  reference(40)[:, o:o + 32, o:o + 32])

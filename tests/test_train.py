@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fct_dist import image_lake
 from fct_dist.config import Storage
 from fct_dist.models import registry
 from fct_dist.models.registry import ArtefactError
@@ -24,17 +25,24 @@ from .support import copy_tree, registered_epoch
                                         ("bct", "classifier"), ("fct", "transformation"),
                                         ("fct-noside", "transformation")])
 def test_every_artefact_loads_back(trained, name, kind):
-    cfg, store, _ = trained
+    cfg, store, report_dir = trained
     module, meta = registry.load(store, name, {"kind": kind})
     assert meta["kind"] == kind and len(meta["version"]) == 16
     history = meta["metrics"]["history"]
     epochs = {"old": cfg.train.old, "side": cfg.train.side, "new": cfg.train.new, "bct": cfg.train.bct,
               "fct": cfg.train.transformation, "fct-noside": cfg.train.transformation}[name].epochs
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-    if kind == "transformation":  # FastFill's loss has a mu*s term: negative once s < 0, but never NaN/inf
-        assert all(np.isfinite(h["loss"]) for h in history)
-    else:
-        assert all(h["loss"] > 0 for h in history)
+    assert all(np.isfinite(h["loss"]) for h in history)  # FastFill's loss has a mu*s term: it may go below 0
+    assert history[-1]["loss"] < history[0]["loss"], history  # each model learnt (the session trains enough epochs)
+    if kind == "classifier":  # and generalises: held-out images of its classes, well above chance (the test
+        # split drawn with other class patterns than the train split's, as the synthetic data once was, keeps
+        # old and new at 2.1x and 2.6x; learnt patterns reach 3.3x, 4.6x (BCT 4.3x))
+        accuracy = meta["metrics"].get("test_accuracy", meta["metrics"].get("test_accuracy_old_classes"))
+        assert accuracy > 3 / len(meta["classes"]), (accuracy, meta["classes"])
+    if kind == "encoder":  # side-info retrieval (side / side on the test split) well above chance
+        cases = store.read_json(f"{report_dir}/metrics.json")["runs"][0]["evaluation"]["cases"]
+        side = next(c for c in cases if (c["query"], c["gallery"]) == ("side", "side"))
+        assert side["top1"] > 2 / cfg.data.synthetic.num_classes, side["top1"]
     assert sum(p.numel() for p in module.parameters()) == meta["params"]
 
 
@@ -49,7 +57,17 @@ def test_artefact_meta_records_what_the_stage_saw(trained):
     assert h["dims"] == {"old": 8, "side": 8, "new": 16}
     assert h["producers"] == {m: registry.read_meta(store, m)["version"] for m in ("old", "side", "new")}
     assert 0 < h["metrics"]["test_mse_over_variance"] < 1.0  # better than predicting the mean
-    assert 0 <= old["metrics"]["test_accuracy_old_classes"] <= 1
+
+    @torch.no_grad()
+    def accuracy(name: str) -> float:  # the model's predictions mapped back to image labels by its classes
+        module, meta = registry.load(store, name, {"kind": "classifier"})
+        _, x, y = image_lake.read_images(store, "test")
+        keep = np.isin(y, meta["classes"])
+        predicted = np.asarray(meta["classes"])[module(torch.from_numpy(x[keep]))[1].argmax(1).numpy()]
+        return float((predicted == y[keep]).mean())
+    assert old["metrics"]["test_accuracy_old_classes"] == pytest.approx(accuracy("old"))
+    assert new["metrics"]["test_accuracy"] == pytest.approx(accuracy("new"))
+    assert bct["metrics"]["test_accuracy"] == pytest.approx(accuracy("bct"))
 
 
 def test_rerun_of_a_current_stage_is_skipped(ray_local, trained, caplog):

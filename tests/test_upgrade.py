@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fct_dist import cli, evaluate, layout, search
+from fct_dist import cli, currency, evaluate, layout, search
 from fct_dist.models import registry
 
 
@@ -21,7 +21,7 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
         assert registry.exists(store, model)
     for name, split in (("stored", "test"), ("features", "train"), ("features", "test"), ("fct", "test"),
                         ("fct-noside", "test"), ("new", "test"), ("bct", "test"), ("refill", "test")):
-        assert store.has_manifest(layout.embeddings(store, name, split)), name
+        assert currency.has_manifest(store, layout.embeddings(store, name, split)), name
     assert metrics["runs"][0]["evaluation"]["index_recall_at_10"]["fct"] > 0.9
     labels = [c["label"] for c in metrics["cases"]]
     assert labels == ["old / old", "new / new", "new / FCT (with side-info)", "new / FCT (no side-info)",

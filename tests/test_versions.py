@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import lake, layout
+from fct_dist import currency, lake, layout
 from fct_dist.lake import LakeError
 from fct_dist.layout import FCT, NEW, OLD, SIDE
 from fct_dist.models import Transformation, TransformationConfig, registry
@@ -63,7 +63,7 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_allclose(emb2, apply(store, "h12", old, side), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(side2, side)  # copied, not recomputed
-    prod = store.manifest(v2)["producer"]
+    prod = currency.manifest(store, v2)["producer"]
     assert prod["emb"]["space"] == VER2 and prod["emb"]["inputs"]["old"]["version"] == VER1
     assert lake.space_of(prod["side"]) == VSIDE and prod["side"]["kept"]
 
@@ -73,7 +73,7 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     backfill.backfill(from_v2, store, "h23", input=store.uri(v2), output=store.uri(chained))
     _, emb3c = rows(store, chained, "emb")
     np.testing.assert_allclose(emb3c, apply(store, "h23", apply(store, "h12", old, side), side), rtol=1e-4, atol=1e-5)
-    lineage = store.manifest(chained)["producer"]["emb"]
+    lineage = currency.manifest(store, chained)["producer"]["emb"]
     assert lineage["space"] == VER3
     assert [lineage["inputs"]["old"]["space"], lineage["inputs"]["old"]["inputs"]["old"]["version"]] == [VER2, VER1]
     assert lake.space_of(lineage["inputs"]["side"]) == VSIDE
@@ -83,7 +83,7 @@ def test_chained_and_direct_upgrades_record_their_lineage(any_cfg, caplog):
     backfill.backfill(cfg, store, "h13", input=store.uri(stored), output=store.uri(direct))
     _, emb3d = rows(store, direct, "emb")
     np.testing.assert_allclose(emb3d, apply(store, "h13", old, side), rtol=1e-5, atol=1e-6)
-    assert store.manifest(direct)["producer"]["emb"]["inputs"]["old"]["version"] == VER1
+    assert currency.manifest(store, direct)["producer"]["emb"]["inputs"]["old"]["version"] == VER1
     assert np.abs(emb3c - emb3d).max() > 1e-2  # two strategies, two different lakes
 
     # an upgrade that already happened: a no-op that writes nothing
@@ -128,7 +128,7 @@ def test_three_versions_end_to_end_local_and_s3(trained, s3_cfg):
     assert meta[DIRECT]["producers"]["old"] == meta[OLD]["version"]
 
     def lineage(s, lake_name):
-        return s.manifest(layout.embeddings(s, lake_name, "test"))["producer"]["emb"]
+        return currency.manifest(s, layout.embeddings(s, lake_name, "test"))["producer"]["emb"]
 
     chained, direct = lineage(store, CHAINED), lineage(store, DIRECT)
     assert chained["version"] == meta[CHAINED]["version"] and chained["space"] == meta[V3]["version"]

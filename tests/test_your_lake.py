@@ -18,7 +18,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from fct_dist import cli, datasets, evaluate, lake
+from fct_dist import cli, currency, datasets, evaluate, image_lake, lake
 from fct_dist.datasets import folder, synthetic
 from fct_dist.models import registry
 from fct_dist.pipeline import index
@@ -116,7 +116,7 @@ def team(tmp_path, s3_endpoint, ray_local):
     data = {}
     for split, per_class in (("train", 30), ("test", 12)):
         labels = np.repeat(np.arange(6), per_class).astype(np.int32)
-        images = [lake.encode_png(im) for im in synthetic.generate(labels, SIZE, 3, seed=len(split))]
+        images = [image_lake.encode_png(im) for im in synthetic.generate(labels, SIZE, 3, seed=len(split))]
         ids = np.arange(len(labels)) * 7 + (0 if split == "train" else 100_000)  # ids that are not row numbers
         data[split] = ids, images, labels
         vec = {r: embed(m, images) for r, m in models.items()}
@@ -174,13 +174,28 @@ def test_upgrade_your_own_lake_end_to_end(team):
     np.testing.assert_array_equal(out["item_id"].to_numpy(), stored["item_id"].to_numpy())
     np.testing.assert_allclose(lake.to_numpy(out["emb_v2"]), want.numpy(), atol=1e-5)
     assert fct("index", "--input", f"{uri}/upgraded", "--column", "emb_v2") == 0
-    assert store.manifest(store.resolve(f"{uri}/upgraded.index"))["rows"] == len(ids)
+    assert currency.manifest(store, store.resolve(f"{uri}/upgraded.index"))["rows"] == len(ids)
     _, top = index.search(store, "", "", lake.to_numpy(out["emb_v2"])[:5], 1, 1, directory=store.resolve(f"{uri}/upgraded.index"))
     np.testing.assert_array_equal(top[:, 0], out["item_id"].to_numpy()[:5])  # each backfilled vector finds its own id
     result = evaluate.features_matrix(cfg, store, f"{uri}/features")
     assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),
                                                                      ("new", "old")]
     assert result["items"] == len(ids) and set(result["gap_closed"]["fct"]) == {"top1", "top5", "map"}
+    # new / FCT is new queries ranked against h(old, side) of the same items, each query's own item left out
+    test = lake.read_lake(store, store.resolve(f"{uri}/features/test"), {"item_id": pa.int64()},
+                          id_col="item_id").sort_by("item_id")
+    vec = {c: torch.tensor(np.stack(test[c].to_pylist()), dtype=torch.float32) for c in ("emb_v1", "side_v1", "emb_v2")}
+    with torch.no_grad():
+        g = h(vec["emb_v1"], vec["side_v1"]).numpy()
+    q, labels = vec["emb_v2"].numpy(), test["category"].to_numpy()
+    dist = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    top1 = float((labels[dist.argmin(1)] == labels).mean())
+    new_fct = next(c for c in result["cases"] if (c["query"], c["gallery"]) == ("new", "fct"))
+    assert new_fct["top1"] == pytest.approx(top1)
+    exact = evaluate.exact_ranking(q, labels, test["item_id"].to_numpy(), g, labels, test["item_id"].to_numpy(),
+                                   cfg.eval.max_rank, 64)
+    assert new_fct["cmc"] == pytest.approx(exact["cmc"]) and new_fct["map"] == pytest.approx(exact["map"])
 
 
 def test_a_lake_without_side_info_gets_the_no_side_transformation(team):
@@ -234,10 +249,10 @@ def test_a_wrong_card_a_wrong_dim_and_a_ragged_vector_each_give_their_clear_erro
     caplog.clear()
     assert fct("backfill", "--input", f"{uri}/ragged", "--output", f"{uri}/ragged-out") == 2
     assert (f"id {bad[5]['item_id']}: vector of length 7 in column 'emb_v1'; expected 8") in caplog.text
-    assert "part-00000-" in caplog.text and not store.has_manifest(store.resolve(f"{uri}/ragged-out"))
+    assert "part-00000-" in caplog.text and not currency.has_manifest(store, store.resolve(f"{uri}/ragged-out"))
     assert fct("backfill", "--input", f"{uri}/ragged", "--output", f"{uri}/ragged-out",
                "--set", "backfill.on_bad_input=quarantine") == 0
-    assert store.manifest(store.resolve(f"{uri}/ragged-out"))["rows"] == len(bad) - 1
+    assert currency.manifest(store, store.resolve(f"{uri}/ragged-out"))["rows"] == len(bad) - 1
     rejected = lake.read_lake(store, store.resolve(f"{uri}/ragged-out.rejected"), {"item_id": pa.int64()}, id_col="item_id")
     assert rejected["item_id"].to_pylist() == [bad[5]["item_id"]]
     assert rejected["reason"].to_pylist() == ["vector of length 7 in column 'emb_v1'; expected 8"]
@@ -256,7 +271,7 @@ def test_bct_with_an_old_model_without_classifier_uses_its_class_means(tmp_path,
         stages.old_classifier(cfg, store)  # no extract as a side effect: the caller runs it
     assert cli.main(["extract", *run, "--model", "emb=old", "--split", "train"]) == 0  # the command the error names
     classes, weight, meta = stages.old_classifier(cfg, store)
-    _, x, y = lake.read_images(store, "train")
+    _, x, y = image_lake.read_images(store, "train")
     with torch.no_grad():
         e = old.eval()((torch.from_numpy(x).float() / 255 - 0.5) / 0.25).numpy()
     assert classes == sorted(set(y.tolist()))
@@ -268,7 +283,7 @@ def test_bct_with_an_old_model_without_classifier_uses_its_class_means(tmp_path,
 
 def test_a_folder_of_images_is_packed_by_id_and_refuses_names_that_are_not_ids(tmp_path):
     store = open_store(make_cfg(str(tmp_path / "root")).storage)
-    png = lake.encode_png(np.zeros((4, 4), np.uint8))
+    png = image_lake.encode_png(np.zeros((4, 4), np.uint8))
     images = tmp_path / "images"
     images.mkdir()
     for name in ("000012.png", "7.png", "notes.txt"):

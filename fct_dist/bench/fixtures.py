@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .. import currency, lake, layout
-from ..config import Config, digest
+from ..config import Config
+from ..currency import digest
 from ..datasets import synthetic
 from ..layout import FCT, NEW, STORED
 from ..models import ResNet, ResNetConfig, Transformation, TransformationConfig, registry
@@ -43,7 +44,7 @@ def profiles(cfg: Config) -> list[Profile]:
     b, m = cfg.bench, cfg.models
 
     def demo_images(n: int) -> list[bytes]:
-        return [lake.encode_png(x) for x in synthetic.generate(np.arange(n) % 20, 28, 1, seed=0)]
+        return [image_lake.encode_png(x) for x in synthetic.generate(np.arange(n) % 20, 28, 1, seed=0)]
 
     demo = Profile("demo", ResNetConfig(1, m.new.width, list(m.new.blocks), m.new.emb_dim),
                    None, {"old": m.old.emb_dim, "side": m.side.emb_dim, "new": m.new.emb_dim},
@@ -130,6 +131,6 @@ def image_lake(store: Store, p: Profile, files: int) -> str:
     source = {"source": "bench", "profile": p.name, "input_size": p.input_size}
     key = digest(source, p.items, files)
     if not currency.current(store, directory, key):
-        lake.write_image_split(store, IMAGE_SPLIT, np.arange(p.items), p.images(p.items),
+        image_lake.write_image_split(store, IMAGE_SPLIT, np.arange(p.items), p.images(p.items),
                                np.zeros(p.items, np.int32), math.ceil(p.items / files), source, key)
     return directory

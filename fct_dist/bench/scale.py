@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from .. import lake, layout, report
+from .. import currency, lake, layout, report
 from .profiles import backfill_job, engine_run, on, pool_gpus
 from .report import legend, plot_by_size, write
 from ..config import Config
@@ -33,7 +33,8 @@ from .measure import Usage, measured
 from ..models import registry
 from ..pipeline import index
 from ..runtime import gpus_available, init_ray, machine
-from ..storage import MANIFEST, Store
+from ..layout import MANIFEST
+from ..storage import Store
 
 log = logging.getLogger(__name__)
 DIMS = {"old": 128, "side": 128, "new": 128}  # production bytes per row
@@ -48,7 +49,7 @@ def backfill_at(cfg: Config, store: Store, rows: int) -> dict:
     c = on(cfg, "ray")
     job = backfill_job(c, store, f"c{rows}", OUT)
     r = measured(functools.partial(engine_run, c, job), pool_gpus(c.backfill, gpus_available()))
-    summary = store.manifest(job.out_dir)["summary"]
+    summary = currency.manifest(store, job.out_dir)["summary"]
     r |= {"files": summary["files"], "commit_seconds": summary["commit_seconds"],
           "manifest_bytes": len(store.read_bytes(f"{job.out_dir}/{MANIFEST}")), "bytes_out": summary["bytes_out"]}
     log.info("[scale] %s rows: %s rows/s steady, driver %.2f s, manifest %.0f KB, peak RSS driver %.2f GB, "

@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
-from .. import currency, lake, layout
-from ..config import Config, ConfigError, digest
+from .. import currency, image_lake, layout
+from ..config import Config, ConfigError
+from ..currency import digest
 from ..storage import Store
 from . import demo, folder, synthetic
 
@@ -48,8 +49,8 @@ def fill(cfg: Config, store: Store, limit: int | None = None, force: bool = Fals
             arrays = synthetic.load(s.num_classes, s.train_per_class, s.test_per_class, s.image_size,
                                     s.channels, s.seed)
             producer = {"source": "synthetic"} | vars(s)
-        splits = {k: (ids, [lake.encode_png(im) for im in imgs], labels) for k, (ids, imgs, labels) in arrays.items()}
-    out = {split: lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer, key)
+        splits = {k: (ids, [image_lake.encode_png(im) for im in imgs], labels) for k, (ids, imgs, labels) in arrays.items()}
+    out = {split: image_lake.write_image_split(store, split, ids, images, labels, d.rows_per_file, producer, key)
            for split, (ids, images, labels) in splits.items()}
     sizes = ", ".join(f"{k} {m['rows']} rows" for k, m in out.items())
     log.info("[data] image lake: %s, %d classes, written to %s in %.1f s", sizes, len(out["train"]["labels"]),

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from .. import currency, lake
-from ..config import ConfigError, digest
+from ..config import ConfigError
+from ..currency import digest
 from ..lake import LakeError
 from ..storage import Store
 

@@ -12,7 +12,8 @@ import pyarrow as pa
 import torch
 
 from .. import lake, layout
-from ..config import Columns, Config, digest
+from ..config import Columns, Config
+from ..currency import digest
 from ..lake import LakeError
 from ..layout import FCT, STORED
 from ..models import registry

@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import lake, layout
-from ..config import Columns, Config, digest
+from .. import image_lake, layout
+from ..config import Columns, Config
+from ..currency import digest
 from ..datasets import folder
 from ..lake import LakeError
 from ..layout import FEATURES, NEW, OLD, SIDE, STORED
@@ -43,7 +44,7 @@ class ExtractFn:
         images, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
         for i, b in enumerate(rb.column(self.image_col).to_pylist()):
             try:
-                images.append(lake.decode_images([b], **self.preprocess))
+                images.append(image_lake.decode_images([b], **self.preprocess))
             except LakeError as e:
                 invalid[i] = True
                 reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")

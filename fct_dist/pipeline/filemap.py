@@ -2,7 +2,7 @@
 
 Every input file `X.parquet` (hive folders such as `part=0/X.parquet` included) becomes exactly one
 output file `X.{run}-{rand}.parquet`, written once under a name no other write uses, which appears whole
-in one step (`storage.AtomicFile`) once all its rows are done. The output lake is a sequence of
+in one step (`Store.open_atomic`) once all its rows are done. The output lake is a sequence of
 snapshots (`fct_dist.snapshots`): nothing in the write path deletes or overwrites a file, and one
 conditional write of the manifest commits a run. What makes "exactly once" impossible to fool:
 - **Identity.** The driver lists every input with its version (`Store.list_versions`: the S3 ETag,
@@ -37,7 +37,7 @@ import time
 from typing import Protocol
 
 from .. import snapshots
-from ..config import digest
+from ..currency import digest
 from ..lease import Lease
 from . import commit, plan
 from .filejob import FileJob, Task

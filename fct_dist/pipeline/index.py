@@ -17,7 +17,8 @@ import ray
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from .. import currency, lake, layout
-from ..config import Config, digest
+from ..config import Config
+from ..currency import digest
 from ..lake import LakeError
 from ..progress import Bar
 from ..runtime import init_ray, on_driver_node, want_gpu
@@ -149,7 +150,7 @@ def settings(cfg: Config, source: dict, column: str) -> dict:
 
 def current(cfg: Config, store: Store, name: str, split: str, column: str = "emb") -> dict | None:
     """The manifest of index/{name}/{split} when it indexes today's embeddings/{name}/{split}, else None."""
-    s = settings(cfg, store.manifest(layout.embeddings(store, name, split)), column)
+    s = settings(cfg, currency.manifest(store, layout.embeddings(store, name, split)), column)
     return currency.current(store, layout.index(store, name, split, column), digest(s))
 
 
@@ -160,7 +161,7 @@ def build(cfg: Config, store: Store, name: str, split: str = "test", column: str
     src = store.resolve(input) if input else layout.embeddings(store, name, split)
     out = store.resolve(output) if output else f"{src}.index" if input else layout.index(store, name, split, column)
     id_col = cfg.columns.id if input else "id"
-    source = store.manifest(src)
+    source = currency.manifest(store, src)
     s = settings(cfg, source, column)
     done = currency.current(store, out, digest(s))
     if done:
@@ -209,7 +210,7 @@ def load(store: Store, name: str, split: str = "test", column: str = "emb",
          directory: str | None = None) -> tuple[list[faiss.Index], dict]:
     """The shards and manifest of index/{name}/{split} (of `column`), or of the index at `directory`."""
     directory = directory or layout.index(store, name, split, column)
-    manifest = store.manifest(directory)
+    manifest = currency.manifest(store, directory)
     return [_load_shard(store, directory, s["file"]) for s in manifest["shards"]], manifest
 
 

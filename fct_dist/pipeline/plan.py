@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import lake, snapshots
-from ..config import digest
+from ..currency import digest
 from ..lake import LakeError
 from .filejob import KEY, STATS, BatchFn, FileJob, Input, Task, invalid_rows
 from .worker import quarantine

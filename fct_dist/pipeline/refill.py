@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .. import lake, layout
-from ..config import Columns, Config, digest
+from .. import currency, lake, layout
+from ..config import Columns, Config
+from ..currency import digest
 from ..lake import LakeError
 from ..layout import FCT, NEW, REFILL
 from ..models import registry
@@ -165,7 +166,7 @@ def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", in
         raise LakeError(f"budget {budget}: expected a fraction of the gallery between 0 and 1")
     in_dir = store.resolve(input) if input else layout.embeddings(store, FCT, split)
     out_dir = store.resolve(output) if output else layout.embeddings(store, REFILL, split)
-    manifest = store.manifest(in_dir)  # a finished lake only: a half-written gallery is never refilled
+    manifest = currency.manifest(store, in_dir)  # a finished lake only: a half-written gallery is never refilled
     prod = manifest.get("producer", {})
     if cols.uncertainty not in prod:
         raise LakeError(f"{store.uri(in_dir)}: no {cols.uncertainty!r} column: it was backfilled by a transformation "

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +21,16 @@ import pyarrow.parquet as pq
 
 from .. import lake
 from ..lake import LakeError
-from ..storage import AtomicFile, Store, StorageError, is_storage_fault
+from ..storage import Store, StorageError, is_storage_fault
 from .filejob import KEY, STATS, FileJob, InputChanged, Task, column_type, invalid_rows
 
 log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 65_536  # output rows per Parquet row group
+
+
+def worker() -> str:
+    """host:pid of the process mapping a file, recorded with the file's result (which actor did what)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def true_rows(table: pa.Table, producer: dict) -> dict[str, int]:
@@ -79,7 +86,7 @@ class OutputWriter:
     streamed into an AtomicFile: it appears whole on `close()`, or not at all."""
 
     def __init__(self, store: Store, path: str, schema: pa.Schema, id_col: str):
-        self.file = AtomicFile(store, path)
+        self.file = store.open_atomic(path)
         self.writer = pq.ParquetWriter(self.file.stream, schema, **lake.write_options(id_col))
         self.pool = ThreadPoolExecutor(1)
         self.pending: list[pa.Table] = []
@@ -205,7 +212,7 @@ class FileWorker:
                                f"written {writer.rows} + rejected {n_rej}")
         stats = {"input": inp.identity(), "rows_in": rows_in, "rows_out": writer.rows, "rows_rejected": n_rej,
                  "bytes_in": inp.size, "quarantined": "", "rejected_files": [f"{out_name}.parquet"] if rejected else [],
-                 "true_rows": trues}
+                 "true_rows": trues, "worker": worker()}
         try:  # rejected rows first: the output file is the commit
             if rejected:
                 table = pa.concat_tables(rejected).replace_schema_metadata({KEY: task.key})
@@ -276,7 +283,7 @@ def quarantine(job: FileJob, task: Task, reason: str, t0: float | None = None) -
     if inp.rows is None:
         reason = f"{reason} (row count unknown: the footer is unreadable)"
     stats = {"input": inp.identity(), "rows_in": inp.rows, "rows_out": 0, "rows_rejected": inp.rows,
-             "bytes_in": inp.size, "quarantined": reason, "rejected_files": [copy, why]}
+             "bytes_in": inp.size, "quarantined": reason, "rejected_files": [copy, why], "worker": worker()}
     empty = pa.table({job.id_col: pa.array([], pa.int64())} | {
         c: pa.array([], column_type(p)) for c, p in job.producer.items()})
     meta = {KEY: task.key, STATS: json.dumps(stats), lake.META_KEY: json.dumps(job.producer, sort_keys=True)}

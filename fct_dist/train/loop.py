@@ -22,7 +22,7 @@ import torch.nn as nn
 from ray.train.v2.api.context import LocalTrainContext
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from .. import features, lake, losses
+from .. import features, image_lake, losses
 from ..config import Optim
 from ..models import (Classifier, ClassifierConfig, ResNetConfig, SimCLR, SimCLRConfig, Transformation,
                       TransformationConfig)
@@ -61,12 +61,12 @@ class ImageTask(Task):
     labels: list[int] | None = None  # train on these classes only (None: all)
 
     def dataset(self) -> TensorDataset:
-        _, x, y = lake.read_images(self.store, "train", self.labels, self.opt.max_train_images)
+        _, x, y = image_lake.read_images(self.store, "train", self.labels, self.opt.max_train_images)
         target = np.searchsorted(np.asarray(self.classes()), y)
         return TensorDataset(torch.from_numpy(x), torch.from_numpy(target.astype(np.int64)))
 
     def classes(self) -> list[int]:
-        return self.labels if self.labels is not None else lake.image_manifest(self.store, "train")["labels"]
+        return self.labels if self.labels is not None else image_lake.image_manifest(self.store, "train")["labels"]
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return augment.shift(x) if self.opt.augment else x
@@ -154,20 +154,45 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: its shard of the data, the model resumed from the last checkpoint, then an
+    epoch at a time, each reported with a checkpoint (rank 0 writes it)."""
     task: Task = config["task"]
     stage, opt, board = config["stage"], task.opt, config["board"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(opt.seed * 1000 + rank)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    device = ray.train.torch.get_device()
+    sampler, loader = shard(task, rank, world)
+    model, optimizer, start, history = resume(task)
+    # train.num_workers=0 runs this loop in the driver (Ray Train's local mode): no upload, no resume
+    local, kept = isinstance(ctx, LocalTrainContext), None
+    for epoch in range(start, opt.epochs):
+        sampler.set_epoch(epoch)
+        metrics = run_epoch(task, model, optimizer, loader, epoch, rank, world, board)
+        history.append(metrics | {"resumed_at": start})  # the checkpoint's epoch this worker group started from
+        if rank == 0:
+            board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
+                                  f"{metrics['items_per_s']:.0f} items/s")
+        d = report(model, optimizer, history, rank)
+        if local:  # Ray keeps only a reference to the folder: keep the last one, `fit` reads and removes it
+            shutil.rmtree(kept, ignore_errors=True)
+            kept = d
+        else:
+            shutil.rmtree(d, ignore_errors=True)
 
-    data = task.dataset()
+
+def shard(task: Task, rank: int, world: int) -> tuple[DistributedSampler, DataLoader]:
+    """This worker's share of the task's data, reshuffled per epoch, batches of batch_size / world."""
+    data, opt = task.dataset(), task.opt
     per_worker = max(1, min(opt.batch_size // world, len(data) // world))
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=opt.seed, drop_last=True)
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(data, per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False)
+    return sampler, loader
 
+
+def resume(task: Task) -> tuple[nn.Module, torch.optim.Optimizer, int, list[dict]]:
+    """(model, optimizer, first epoch, history so far): from Ray Train's last checkpoint when there is one."""
     model, start, history, state = task.model(), 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -179,46 +204,43 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = task.optimizer(model.parameters())
     if state:
         optimizer.load_state_dict(state["optimizer"])
-    steps = len(loader)
+    return model, optimizer, start, history
+
+
+def run_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epoch: int,
+              rank: int, world: int, board) -> dict:
+    """One pass over the loader with the cosine schedule; rank 0 feeds the driver's progress bar."""
+    opt, steps, device = task.opt, len(loader), ray.train.torch.get_device()
     total, warmup = opt.epochs * steps, int(opt.warmup_epochs * steps)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    model.train()
+    task.epoch_start(model, epoch)
+    t0, loss_sum, seen = time.time(), 0.0, 0
+    for i, batch in enumerate(loader):
+        for g in optimizer.param_groups:
+            g["lr"] = cosine_lr(epoch * steps + i, total, warmup, opt.lr)
+        with amp:
+            loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum, seen = loss_sum + loss.item() * len(batch[0]), seen + len(batch[0])
+        if rank == 0 and (i % 5 == 0 or i == steps - 1):  # fire and forget: the driver draws the bar
+            board.put.remote(step=epoch * steps + i + 1, total=opt.epochs * steps,
+                             postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss.item():.4f} "
+                                     f"{seen * world / (time.time() - t0):.0f} items/s")
+    return {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": time.time() - t0,
+            "items_per_s": seen * world / (time.time() - t0)}
 
-    # train.num_workers=0 runs this loop in the driver (Ray Train's local mode): no upload, no resume
-    local, kept = isinstance(ray.train.get_context(), LocalTrainContext), None
-    for epoch in range(start, opt.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        task.epoch_start(model, epoch)
-        t0, loss_sum, seen = time.time(), 0.0, 0
-        for i, batch in enumerate(loader):
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(epoch * steps + i, total, warmup, opt.lr)
-            with amp:
-                loss = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, seen = loss_sum + loss.item() * len(batch[0]), seen + len(batch[0])
-            if rank == 0 and (i % 5 == 0 or i == steps - 1):  # fire and forget: the driver draws the bar
-                board.put.remote(step=epoch * steps + i + 1, total=opt.epochs * steps,
-                                 postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss.item():.4f} "
-                                         f"{seen * world / (time.time() - t0):.0f} items/s")
-        metrics = {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": time.time() - t0,
-                   "items_per_s": seen * world / (time.time() - t0),
-                   "resumed_at": start}  # the checkpoint's epoch this worker group started from (0: none)
-        history.append(metrics)
-        if rank == 0:
-            board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
-                                  f"{metrics['items_per_s']:.0f} items/s")
-        d, ckpt = tempfile.mkdtemp(prefix="fct-ckpt-"), None
-        if rank == 0:
-            bare = model.module if hasattr(model, "module") else model
-            torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1, "history": history}, os.path.join(d, STATE))
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)  # uploads it to storage, except in local mode
-        if local:  # Ray keeps only a reference to the folder: keep the last one, `fit` reads and removes it
-            shutil.rmtree(kept, ignore_errors=True)
-            kept = d
-        else:
-            shutil.rmtree(d, ignore_errors=True)
+
+def report(model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], rank: int) -> str:
+    """Report the epoch's metrics to Ray Train with a checkpoint (written by rank 0) of model, optimizer and
+    history; returns the checkpoint's local folder."""
+    d, ckpt = tempfile.mkdtemp(prefix="fct-ckpt-"), None
+    if rank == 0:
+        bare = model.module if hasattr(model, "module") else model
+        torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": history[-1]["epoch"], "history": history}, os.path.join(d, STATE))
+        ckpt = ray.train.Checkpoint.from_directory(d)
+    ray.train.report(history[-1], checkpoint=ckpt)  # uploads it to storage, except in local mode
+    return d

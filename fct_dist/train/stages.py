@@ -17,8 +17,9 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 
-from .. import features as feature_lakes, lake, layout
-from ..config import Config, ConfigError, digest
+from .. import currency, features as feature_lakes, image_lake, lake, layout
+from ..config import Config, ConfigError
+from ..currency import digest
 from ..datasets import old_classes
 from ..lake import LakeError
 from ..layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
@@ -31,12 +32,12 @@ log = logging.getLogger(__name__)
 
 
 def data_version(store: Store, split: str = "train") -> str:
-    return digest(lake.image_manifest(store, split))
+    return digest(image_lake.image_manifest(store, split))
 
 
 def classes_of(cfg: Config, store: Store) -> tuple[list[int], list[int]]:
     """(all labels of the image lake, the old classes drawn from them)."""
-    labels = lake.image_manifest(store, "train")["labels"]
+    labels = image_lake.image_manifest(store, "train")["labels"]
     return labels, old_classes(labels, cfg.data.num_old_classes, cfg.data.old_classes_seed)
 
 
@@ -55,7 +56,7 @@ def classes_of_version(cfg: Config, store: Store, k: int) -> list[int]:
 
 
 def backbone_arch(cfg_model, store: Store, emb_dim: int | None = None) -> ResNetConfig:
-    channels = lake.image_manifest(store, "train")["image_shape"][0]
+    channels = image_lake.image_manifest(store, "train")["image_shape"][0]
     return ResNetConfig(in_channels=channels, width=cfg_model.width, blocks=list(cfg_model.blocks),
                         emb_dim=emb_dim or cfg_model.emb_dim)
 
@@ -63,7 +64,7 @@ def backbone_arch(cfg_model, store: Store, emb_dim: int | None = None) -> ResNet
 @torch.no_grad()
 def accuracy(model: nn.Module, store: Store, classes: list[int], split: str = "test") -> float:
     """Top-1 classification accuracy on the split's images of `classes`."""
-    _, x, y = lake.read_images(store, split, classes)
+    _, x, y = image_lake.read_images(store, split, classes)
     preds = np.concatenate([model(torch.from_numpy(x[i:i + 1024]))[1].argmax(1).numpy()
                             for i in range(0, len(x), 1024)])
     return float((np.asarray(classes)[preds] == y).mean())
@@ -125,7 +126,7 @@ def old_classifier(cfg: Config, store: Store) -> tuple[list[int], torch.Tensor, 
     log.warning("[bct] the old model %s has no classifier: BCT's influence loss uses the class means of its "
                 "embeddings of the train split", meta.get("card", {}).get("name", OLD))
     directory = layout.embeddings(store, OLD, "train")
-    if not store.has_manifest(directory):
+    if not currency.has_manifest(store, directory):
         raise LakeError(f"{store.uri(directory)}: BCT needs the old model's embeddings of the train split (the old "
                         f"model has no classifier); extract them first (fct extract --model emb=old --split train)")
     emb = lake.read_lake(store, directory, {"id": pa.int64()}).sort_by("id")

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from fct_dist import config, lake
+from fct_dist import config, image_lake
 from fct_dist.bench import fixtures
 from fct_dist.config import Config
 from fct_dist.models import registry
@@ -35,7 +35,7 @@ class Ctx:
                                                                  "producers": {"old": version, "side": version}})
 
     def images(self, blobs: list[bytes]) -> None:
-        lake.write_image_split(self.store, "test", np.arange(len(blobs)), blobs, np.zeros(len(blobs), np.int32), 100, {}, "test")
+        image_lake.write_image_split(self.store, "test", np.arange(len(blobs)), blobs, np.zeros(len(blobs), np.int32), 100, {}, "test")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def mismatched_artefact(ctx: Ctx) -> dict:
 
 
 def bad_image(ctx: Ctx) -> dict:
-    png = lake.encode_png(np.zeros((28, 28), np.uint8))
+    png = image_lake.encode_png(np.zeros((28, 28), np.uint8))
     ctx.images([png, b"\x89PNG broken", png])
     return extract.extract(ctx.cfg, ctx.store, "test", {"emb": "new"}, "probe")
 

@@ -31,7 +31,7 @@ import numpy as np
 import ray
 from moto.server import ThreadedMotoServer
 
-from fct_dist import config
+from fct_dist import config, currency
 from fct_dist.bench import fixtures
 from fct_dist.lease import LEASE, machine
 from fct_dist.pipeline import backfill, index
@@ -53,7 +53,7 @@ class Tally:
 
     def check(self, what: str, store, directory: str, n: int) -> None:
         """Count ids missing from / repeated in a finished lake that should hold ids 0..n-1."""
-        if not store.has_manifest(directory):
+        if not currency.has_manifest(store, directory):
             raise AssertionError(f"{what}: {store.uri(directory)} has no manifest")
         self.tally(what, all_ids(store, directory), n)
 
@@ -94,7 +94,7 @@ def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
 
 
 def landed_mid_run(what: str, done: int, files: int, store, out: str) -> None:
-    if not 1 <= done < files or store.has_manifest(out):
+    if not 1 <= done < files or currency.has_manifest(store, out):
         raise AssertionError(f"{what}: the kill did not land mid-run ({done} of {files} files done)")
 
 

@@ -41,13 +41,15 @@ class QuietServer(ThreadingHTTPServer):
 class FaultProxy:
     def __init__(self, upstream: str, fraction: float = 0.05, stall_seconds: float = 2.0, fail: str | None = None,
                  kinds: tuple[str, ...] = KINDS, fail_first: int | None = None, delay: str | None = None,
-                 delay_seconds: float = 0.0):
+                 delay_seconds: float = 0.0, lose: str | None = None, lose_first: int = 1):
         u = urlparse(upstream)
         self.upstream = (u.hostname, u.port)
         self.fraction, self.stall_seconds, self.kinds = fraction, stall_seconds, kinds
         self.fail = re.compile(fail) if fail else None
         self.fail_first = fail_first
         self.delay, self.delay_seconds = (re.compile(delay) if delay else None), delay_seconds
+        self.lose, self.lose_first, self.lost_on_purpose = (re.compile(lose) if lose else None), lose_first, 0
+        self.injected: list[tuple[str, str]] = []  # (kind, request) of every fault, in order
         self.requests, self.counts, self._lock = 0, {k: 0 for k in (*KINDS, "fail")}, threading.Lock()
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -63,10 +65,13 @@ class FaultProxy:
             kind = None
             if self.fail and self.fail.search(request) and (self.fail_first is None or self.counts["fail"] < self.fail_first):
                 kind = "fail"
+            elif self.lose and self.lose.search(request) and self.lost_on_purpose < self.lose_first:
+                kind, self.lost_on_purpose = "lost", self.lost_on_purpose + 1
             elif int((n + 1) * self.fraction) > int(n * self.fraction):
                 kind = self.kinds[sum(self.counts[k] for k in KINDS) % len(self.kinds)]
             if kind:
                 self.counts[kind] += 1
+                self.injected.append((kind, request))
             return kind
 
     def start(self) -> "FaultProxy":
