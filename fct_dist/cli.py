@@ -11,6 +11,7 @@ import numpy as np
 
 from . import config as config_mod
 from . import runtime
+from . import __version__
 from .config import Config, ConfigError
 from .lake import LakeError
 from .layout import OLD
@@ -20,6 +21,8 @@ from .storage import Store, StorageError, open_store
 # The project's own errors (and a missing file named on the command line): one line, exit 2. Anything
 # else is a bug and keeps its traceback.
 CLEAR_ERRORS = (ConfigError, LakeError, StorageError, ArtefactError, FileNotFoundError)
+# optional packages a command may need, and the install that brings them
+EXTRAS = {"faiss": "pip install 'fct-dist[cpu]' (faiss-cpu) or 'fct-dist[gpu]' (faiss-gpu, CUDA machines)"}
 log = logging.getLogger("fct_dist")
 
 
@@ -96,7 +99,7 @@ def _search(cfg: Config, store: Store, a) -> None:
                 f.write(search.draw(store, a.split, q, d, i, f"{a.model} queries / {a.lake} gallery"))
             log.info("picture of the search: %s", a.plot)
     for row, name in enumerate(names):
-        print(f"{name}: " + " ".join(f"{int(x)}({dist:.3f})" for x, dist in zip(i[row], d[row]) if x >= 0))
+        print(f"{name}: " + " ".join(f"{int(x)}({dist:.3g})" for x, dist in zip(i[row], d[row]) if x >= 0))
 
 
 def _evaluate(cfg: Config, store: Store, a) -> None:
@@ -129,8 +132,27 @@ def _bench(cfg: Config, store: Store, a) -> None:
         profiles.run(cfg, store)
 
 
+class Help(argparse.HelpFormatter):
+    """Shows each option's default, where it has one its help does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in h:
+            h += " (default: %(default)s)"
+        return h
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (N >= 1)")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fct", description="Backfill-free embedding upgrades (FCT) on Ray.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (default: the embedded defaults)")
     common.add_argument("--preset", help="overlay a named preset (e.g. tiny)")
@@ -140,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def cmd(name: str, fn, help: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, parents=[common], help=help)
+        s = sub.add_parser(name, parents=[common], help=help, formatter_class=Help)
         s.set_defaults(fn=fn)
         return s
 
@@ -178,35 +200,36 @@ def _data_and_models(cmd: Command) -> None:
 def _lakes(cmd: Command) -> None:
     """The data-parallel stages over lakes, and search."""
     s = cmd("extract", _extract, "embed images with one or more models")
-    s.add_argument("--model", action="append", required=True, metavar="[COLUMN=]MODEL")
-    s.add_argument("--split", default="test")
+    s.add_argument("--model", action="append", required=True, metavar="[COLUMN=]MODEL",
+                   help="a model artefact to embed with, its vectors in COLUMN (default: the model's name); repeat")
+    s.add_argument("--split", default="test", help="the image lake's split")
     s.add_argument("--name", help="output lake name (default: the model names)")
     s.add_argument("--input", metavar="URI", help="image lake to read instead of images/SPLIT: Parquet with the "
                    "columns.id and columns.image columns, or a folder of images named by id (000123.jpg)")
     s.add_argument("--output", metavar="URI", help="embedding lake to write (default: embeddings/NAME/SPLIT)")
     s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
     s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
-    s.add_argument("--split", default="test")
+    s.add_argument("--split", default="test", help="the stored lake's split")
     s.add_argument("--input", metavar="URI", help="stored lake (default: embeddings/stored/SPLIT under storage.root)")
     s.add_argument("--output", metavar="URI", help="new lake (default: embeddings/MODEL/SPLIT under storage.root; "
                    "rejected rows then go to URI.rejected)")
     s = cmd("refill", _refill, "re-extract the budget of the backfilled gallery h is least sure of (FastFill)")
     s.add_argument("--budget", type=float, metavar="F", help="fraction of the gallery to re-extract, 0..1 "
                    "(default: refill.budget)")
-    s.add_argument("--split", default="test")
+    s.add_argument("--split", default="test", help="the gallery's split")
     s.add_argument("--input", metavar="URI", help="backfilled gallery with an uncertainty column (default: "
                    "embeddings/fct/SPLIT under storage.root)")
     s.add_argument("--output", metavar="URI", help="gallery lake to write (default: embeddings/refill/SPLIT)")
     s = cmd("index", _index, "build a sharded FAISS index from an embedding lake")
-    s.add_argument("--lake", default="fct")
-    s.add_argument("--split", default="test")
-    s.add_argument("--column", default="emb")
+    s.add_argument("--lake", default="fct", help="the embedding lake under storage.root/embeddings")
+    s.add_argument("--split", default="test", help="its split")
+    s.add_argument("--column", default="emb", help="the vector column")
     s.add_argument("--input", metavar="URI", help="an embedding lake written by fct (e.g. a backfill --output)")
     s.add_argument("--output", metavar="URI", help="where the index goes (default: INPUT.index)")
     s = cmd("search", _search, "top-k search of the sharded index")
-    s.add_argument("--lake", default="fct")
-    s.add_argument("--split", default="test")
-    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--lake", default="fct", help="the indexed lake under storage.root/embeddings")
+    s.add_argument("--split", default="test", help="its split")
+    s.add_argument("--k", type=positive, default=10, help="neighbours per query")
     s.add_argument("--vectors", help=".npy file of query vectors (n, d)")
     s.add_argument("--model", default="new", help="embed query images with this model")
     s.add_argument("--ids", type=int, nargs="*", default=[], help="image ids (of --split) to use as queries "
@@ -220,7 +243,7 @@ def _runs(cmd: Command) -> None:
     s = cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
     s.add_argument("--features", metavar="URI", help="evaluate on this features lake's test split (needs columns.label)")
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
-    s.add_argument("--seeds", type=int, default=1, help="repeat the training stages with N seeds")
+    s.add_argument("--seeds", type=positive, default=1, help="repeat the training stages with N seeds (N >= 1)")
     s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "
                    "data-parallel stages then rerun because their inputs changed)")
     s = cmd("gc", _gc, "delete the files of a lake that neither its current nor its previous snapshot lists")
@@ -240,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     runtime.setup_logging(logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO)
     try:
         cfg = config_mod.load(a.config, a.set, a.preset)
-        a.fn(cfg, open_store(cfg.storage), a)
+        a.fn(cfg, open_store(cfg.storage, check=True), a)
     except CLEAR_ERRORS as e:
         log.error("fct %s: error: %s", a.cmd, e)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in EXTRAS:
+            raise
+        log.error("fct %s: error: this command needs the %s package, which is not installed: %s", a.cmd, e.name,
+                  EXTRAS[e.name])
         return 2
     except Exception as e:  # Ray wraps a stage's own error; surface its message
         cause = e

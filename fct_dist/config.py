@@ -38,6 +38,7 @@ class Storage:
     s3_max_attempts: int = num(8, 1, 100)
     s3_request_timeout: Optional[float] = num(None, 0.01)
     s3_connect_timeout: Optional[float] = num(None, 0.01)
+    s3_create_bucket: bool = False
 
 
 @dataclass

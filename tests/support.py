@@ -40,8 +40,8 @@ def holder(**kw) -> bytes:
 
 def make_cfg(root: str, *overrides: str, endpoint: str | None = None) -> config.Config:
     sets = [f"storage.root={root}", *overrides]
-    if endpoint:
-        sets.append(f"storage.s3_endpoint={endpoint}")
+    if endpoint:  # a fresh bucket on the test's endpoint: its first write creates it
+        sets += [f"storage.s3_endpoint={endpoint}", "storage.s3_create_bucket=true"]
     return config.load(None, sets, preset="tiny")
 
 

@@ -66,3 +66,31 @@ def test_bad_files_and_presets(tmp_path):
 
 def test_int_is_accepted_where_a_float_is_expected():
     assert config.load(None, ["train.old.lr=1"]).train.old.lr == 1.0
+
+
+def test_the_cli_says_its_version_its_defaults_and_refuses_zero_seeds(capsys):
+    import fct_dist
+    from fct_dist import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fct {fct_dist.__version__}"
+    from importlib.metadata import version
+    assert fct_dist.__version__ == version("fct-dist")  # one version: pyproject reads it from the package
+    with pytest.raises(SystemExit):
+        cli.main(["search", "--help"])
+    assert "neighbours per query (default: 10)" in " ".join(capsys.readouterr().out.split())
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["upgrade", "--seeds", bad])
+        assert e.value.code == 2 and f"argument --seeds: {bad} is not a positive integer" in capsys.readouterr().err
+
+
+def test_a_missing_faiss_names_the_extra_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+    import fct_dist.pipeline
+    from fct_dist import cli
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` meets where faiss is not installed
+    monkeypatch.delitem(sys.modules, "fct_dist.pipeline.index", raising=False)
+    monkeypatch.delattr(fct_dist.pipeline, "index", raising=False)
+    assert cli.main(["index", "--preset", "tiny", "--set", f"storage.root={tmp_path}"]) == 2
+    assert "needs the faiss package, which is not installed: pip install 'fct-dist[cpu]'" in capsys.readouterr().err

@@ -183,3 +183,38 @@ def test_index_recall_streams_the_exact_neighbours_over_the_lake(ray_local, loca
     want = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
     assert 0.3 < want < 0.99  # an index that misses some neighbours, so the check means something
     assert evaluate.index_recall(cfg, store, "vec", "test") == pytest.approx(want)
+
+
+def test_index_a_parquet_folder_someone_else_wrote_and_name_the_columns_it_has(ray_local, local_cfg, tmp_path, capsys):
+    """Ids + a list<float> column in hive folders, no manifest, no fct metadata: indexed as it is; a
+    column that is not a vector column lists those that are; fct's own files without a manifest are
+    an unfinished lake and refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fct_dist import cli
+    cfg = local_cfg("index.factory=Flat", "index.num_shards=2", "columns.id=item")
+    rng = np.random.default_rng(5)
+    x, ids = rng.normal(size=(300, 8)).astype(np.float32), np.arange(1000, 1300)
+    theirs = tmp_path / "theirs"
+    for k, sl in enumerate(np.array_split(np.arange(300), 3)):
+        (theirs / f"day={k}").mkdir(parents=True)
+        pq.write_table(pa.table({"item": ids[sl], "vec": pa.array(list(x[sl]), pa.list_(pa.float32())),
+                                 "url": [f"u{i}" for i in sl]}), theirs / f"day={k}" / "part.parquet")
+    args = ["index", "--preset", "tiny", "--set", f"storage.root={cfg.storage.root}", "--set", "index.factory=Flat",
+            "--set", "columns.id=item", "--input", str(theirs)]
+    assert cli.main([*args, "--column", "embb"]) == 2
+    assert f"{theirs}: no vector column 'embb'; its vector columns are vec (choose one with --column)" in capsys.readouterr().err
+    assert cli.main([*args, "--column", "vec"]) == 0
+    store = open_store(cfg.storage)
+    dist, got = index.search(store, "vec", "test", x[:20], 3, 1, column="vec", directory=f"{theirs}.index")
+    flat = faiss.IndexFlatL2(8)
+    flat.add(x)
+    want_d, want = flat.search(x[:20], 3)
+    np.testing.assert_array_equal(got, ids[want])
+    np.testing.assert_allclose(dist, want_d, rtol=1e-5, atol=1e-5)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    prod = {"vec": {"model": "test", "version": "v", "dim": 8}}
+    lake.write_part(store, str(unfinished / lake.part_name(0)), lake.embedding_table(ids, {"vec": x}, prod, "item"))
+    assert cli.main([*args[:-1], str(unfinished), "--column", "vec"]) == 2
+    assert "is not a finished dataset: _manifest.json is missing" in capsys.readouterr().err

@@ -220,3 +220,35 @@ def test_images_are_fitted_pixel_for_pixel_like_a_pil_reference(w, h):
     o = (40 - 32) // 2  # resize 40, then the centre 32 x 32
     np.testing.assert_array_equal(image_lake.decode_images([png], size=32, resize=40)[0],
                                   reference(40)[:, o:o + 32, o:o + 32])
+
+
+def test_s3_is_checked_before_any_work_missing_bucket_no_credentials_no_endpoint(s3_endpoint, tmp_path):
+    """fct's own commands check in seconds what the store's client would retry for a minute: a bucket
+    that does not exist (never created by a typo), credentials that are not there, an endpoint that
+    does not answer; each error names the bucket or the fix."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+    bucket = f"typo-{uuid.uuid4().hex[:8]}"
+
+    def fct(*sets: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "fct_dist.cli", "index", "--preset", "tiny", "--set", "storage.s3_max_attempts=8",
+               *(x for s in sets for x in ("--set", s))]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    out = fct(f"storage.root=s3://{bucket}/lake", f"storage.s3_endpoint={s3_endpoint}")
+    assert out.returncode == 2
+    assert (f"bucket '{bucket}' of storage.root s3://{bucket}/lake does not exist at {s3_endpoint}: correct "
+            "storage.root, create the bucket, or set storage.s3_create_bucket=true") in out.stderr
+    creator = make_cfg(f"s3://{bucket}/lake", endpoint=s3_endpoint)
+    assert open_store(creator.storage).fs.get_file_info(bucket).type.name == "NotFound"  # the typo created nothing
+    no_credentials = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true"}  # no keys, no profile, no instance role
+    out = fct(f"storage.root=s3://{bucket}/lake", f"storage.s3_endpoint={s3_endpoint}", env=no_credentials)
+    assert out.returncode == 2
+    assert f"no S3 credentials for storage.root s3://{bucket}/lake: set AWS_ACCESS_KEY_ID" in out.stderr
+    out = fct("storage.root=s3://bucket/lake", "storage.s3_endpoint=http://127.0.0.1:9")  # nothing listens
+    assert out.returncode == 2
+    assert "cannot reach bucket 'bucket' of storage.root s3://bucket/lake at http://127.0.0.1:9: " in out.stderr
+    assert "check the network, storage.s3_endpoint" in out.stderr

@@ -1,6 +1,7 @@
 """`fct upgrade` with the tiny preset: every stage end to end, and a report equal to `fct evaluate`."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fct_dist import cli, currency, evaluate, layout, search
@@ -31,6 +32,8 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     report = store.read_bytes(f"{report_dir}/report.md").decode()
     assert "| new / FCT (with side-info) |" in report and "## Goals" in report and "![search](search.png)" in report
     assert "## Partial re-extraction (FastFill)" in report and "| uncertainty |" in report
+    assert "> **Smoke run** on synthetic data" in report  # the tiny preset's numbers are not read as a result
+    assert f"- the backfilled gallery (no image re-read): {store.uri(layout.embeddings(store, 'fct', 'test'))}" in report
 
 
 def test_search_names_ids_not_in_the_split_and_draws_the_answers(trained, tmp_path, capsys):
@@ -44,6 +47,10 @@ def test_search_names_ids_not_in_the_split_and_draws_the_answers(trained, tmp_pa
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (label")[0] for line in lines] == [f"query {i}" for i in ids]
     assert all(len(line.split(": ", 1)[1].split()) == 3 for line in lines)  # k neighbours each
+    _, dist, _ = search.query(store, "new", "fct", "test", ids, 3, cfg.index.nprobe)
+    for line, want in zip(lines, dist):  # each hit prints its distance to 3 significant digits, however small
+        printed = [float(hit.split("(")[1].rstrip(")")) for hit in line.split(": ", 1)[1].split()]
+        np.testing.assert_allclose(printed, want, rtol=5e-3)
     from PIL import Image
     width, height = Image.open(png).size
     assert width > 1.5 * height  # 2 rows of 1 query + 3 neighbours

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import currency, lake, layout
+from .. import currency, image_lake, lake, layout
 from ..config import Config
 from ..currency import digest
 from ..datasets import synthetic
@@ -125,7 +125,7 @@ def stored_lake(store: Store, dims: dict, rows: int, rows_per_file: int, structu
     return directory
 
 
-def image_lake(store: Store, p: Profile, files: int) -> str:
+def bench_images(store: Store, p: Profile, files: int) -> str:
     """images/bench: the profile's first `items` ids as encoded images; written once per setting."""
     directory = layout.images(store, IMAGE_SPLIT)
     source = {"source": "bench", "profile": p.name, "input_size": p.input_size}

@@ -33,7 +33,7 @@ import torch
 from .. import lake, layout
 from .report import IO_JOB, plot_by_size, plot_throughput, render, write
 from ..config import Actors, Config
-from .fixtures import IMAGE_SPLIT, Profile, image_lake, profiles, save_models, stored_lake
+from .fixtures import IMAGE_SPLIT, Profile, bench_images, profiles, save_models, stored_lake
 from ..lake import LakeError
 from ..layout import FCT, NEW, STORED
 from .measure import (ZeroCost, compute_only, measured, median_run, plain_copy, same_output,
@@ -108,7 +108,7 @@ def run_profile(cfg: Config, root: Store, p: Profile) -> dict:
     save_models(store, p)
     split = f"n{b.rows}"
     stored = stored_lake(store, p.dims, b.rows, b.rows_per_file)
-    image_lake(store, p, b.image_files)
+    bench_images(store, p, b.image_files)
     out: dict = {"items": {"backfill": b.rows, "re-extraction": p.items}, "input_size": p.input_size,
                  "encoder": p.encoder, "dims": p.dims}
     for job, make in profile_jobs(cfg, store, p, split).items():

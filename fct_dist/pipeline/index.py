@@ -140,6 +140,23 @@ def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, 
     return x[rng.choice(len(x), n, replace=False)] if len(x) > n else x
 
 
+def source_of(store: Store, src: str, column: str, plain: bool = False) -> dict:
+    """What the index needs of a lake (its key, rows and the column's dim): an fct lake's manifest; with
+    `plain`, for a Parquet folder someone else wrote (ids + a vector column), the same read from its
+    files. A column that is not a vector column of the lake is an error listing those that are."""
+    files = lake.parts(store, src)
+    schema = lake.read_schema(store, files[0])
+    vector_columns = [f.name for f in schema if lake.vector_dim(f.type) is not None]
+    if column not in vector_columns:
+        raise LakeError(f"{store.uri(src)}: no vector column {column!r}; its vector columns are "
+                        f"{', '.join(vector_columns) or 'none'} (choose one with --column)")
+    if not plain or lake.producer_of(schema) or currency.has_manifest(store, src):
+        return currency.manifest(store, src)  # fct's files without a manifest: an unfinished lake, refused
+    rows = sum(lake.read_footer(store, path).metadata.num_rows for path in files)
+    dim = lake.column_dims(store, src, [column])[column]
+    return {"key": lake.identity(store, src), "rows": rows, "producer": {column: {"dim": dim}}}
+
+
 def settings(cfg: Config, source: dict, column: str) -> dict:
     """What an index over a lake (given by its manifest) depends on: the index config and the lake's key."""
     c, d = cfg.index, source["producer"][column]["dim"]
@@ -150,18 +167,19 @@ def settings(cfg: Config, source: dict, column: str) -> dict:
 
 def current(cfg: Config, store: Store, name: str, split: str, column: str = "emb") -> dict | None:
     """The manifest of index/{name}/{split} when it indexes today's embeddings/{name}/{split}, else None."""
-    s = settings(cfg, currency.manifest(store, layout.embeddings(store, name, split)), column)
+    s = settings(cfg, source_of(store, layout.embeddings(store, name, split), column), column)
     return currency.current(store, layout.index(store, name, split, column), digest(s))
 
 
 def build(cfg: Config, store: Store, name: str, split: str = "test", column: str = "emb", input: str | None = None,
           output: str | None = None) -> dict:
     """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest;
-    or the fct-written lake at the URI `input` (ids in `columns.id`) into `output` (default INPUT.index)."""
+    or the lake at the URI `input` (fct's, or any Parquet folder with ids in `columns.id` and the vector
+    column) into `output` (default INPUT.index)."""
     src = store.resolve(input) if input else layout.embeddings(store, name, split)
     out = store.resolve(output) if output else f"{src}.index" if input else layout.index(store, name, split, column)
     id_col = cfg.columns.id if input else "id"
-    source = currency.manifest(store, src)
+    source = source_of(store, src, column, plain=bool(input))
     s = settings(cfg, source, column)
     done = currency.current(store, out, digest(s))
     if done:

@@ -109,16 +109,47 @@ def _s3fs(opts: tuple):
                              skip_instance_cache=True)
 
 
-def s3_filesystem(cfg: StorageCfg) -> pafs.S3FileSystem:
+def s3_filesystem(cfg: StorageCfg, probe: bool = False) -> pafs.S3FileSystem:
     """The AWS SDK's standard retry mode (exponential backoff with jitter on throttling, 5xx and
-    network errors) with the configured attempts and timeouts."""
-    kwargs: dict = {"region": cfg.s3_region, "allow_bucket_creation": True,
+    network errors) with the configured attempts and timeouts; a `probe` gives up within seconds."""
+    kwargs: dict = {"region": cfg.s3_region, "allow_bucket_creation": cfg.s3_create_bucket,
                     "request_timeout": cfg.s3_request_timeout, "connect_timeout": cfg.s3_connect_timeout}
     if cfg.s3_endpoint:
         u = urlparse(cfg.s3_endpoint if "://" in cfg.s3_endpoint else f"https://{cfg.s3_endpoint}")
         kwargs |= {"endpoint_override": u.netloc, "scheme": u.scheme}
-    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.s3_max_attempts),
-                             **kwargs)
+    if probe:
+        kwargs |= {"request_timeout": PROBE_TIMEOUT, "connect_timeout": PROBE_TIMEOUT}
+    attempts = 2 if probe else cfg.s3_max_attempts
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+
+
+PROBE_TIMEOUT = 5.0  # seconds: the preflight's connect and request timeouts
+CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in ~/.aws), or run "
+                    "where an instance role or pod identity provides them")
+
+
+def preflight(cfg: StorageCfg) -> None:
+    """Before any work, within seconds: credentials are found, the endpoint answers and the root's bucket
+    exists (or is created, with storage.s3_create_bucket). The store's own client retries for a minute
+    and more, which suits a running job and not a typo."""
+    import botocore.session  # s3fs's dependency: the same credential chain as the AWS SDK pyarrow uses
+    where = cfg.s3_endpoint or f"AWS S3 in {cfg.s3_region}"
+    if botocore.session.get_session().get_credentials() is None:
+        raise StorageError(f"no S3 credentials for storage.root {cfg.root}: {CREDENTIALS_HINT}")
+    bucket = urlparse(cfg.root).netloc
+    try:
+        found = s3_filesystem(cfg, probe=True).get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as e:
+        text = str(e)
+        hint = (CREDENTIALS_HINT if any(c in text for c in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                             "Forbidden", "403"))
+                else "check the network, storage.s3_endpoint (for MinIO or another S3-compatible store) and "
+                     "storage.s3_region")
+        raise StorageError(f"cannot reach bucket {bucket!r} of storage.root {cfg.root} at {where}: {text.strip()}; "
+                           f"{hint}") from None
+    if not found and not cfg.s3_create_bucket:
+        raise StorageError(f"bucket {bucket!r} of storage.root {cfg.root} does not exist at {where}: correct "
+                           "storage.root, create the bucket, or set storage.s3_create_bucket=true")
 
 
 def open_s3(cfg: StorageCfg) -> S3Store:

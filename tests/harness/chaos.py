@@ -82,7 +82,7 @@ def s3_round(t: Tally, endpoint: str, fraction: float, rows: int) -> None:
     proxy = FaultProxy(endpoint, fraction=fraction, stall_seconds=2.0).start()
     bucket = f"chaos-{uuid.uuid4().hex[:8]}"
     cfg, store, stored = setup(f"s3://{bucket}/lake", rows, 20, f"storage.s3_endpoint={proxy.url}",
-                       "storage.s3_request_timeout=1")
+                                  "storage.s3_request_timeout=1", "storage.s3_create_bucket=true")
     backfill.backfill(cfg, store, "fct", input=stored)
     t.check(f"backfill on S3, {fraction:.0%} faulty requests", store, store.path("embeddings", "fct", "test"), rows)
     built = index.build(cfg, store, "fct", "test")
@@ -180,7 +180,7 @@ def train_on_faulty_s3(t: Tally, endpoint: str, fraction: float) -> None:
     proxy = FaultProxy(endpoint, fraction=fraction, stall_seconds=2.0).start()
     bucket = f"chaos-{uuid.uuid4().hex[:8]}"
     cfg = config.load(None, [f"storage.root=s3://{bucket}/lake", f"storage.s3_endpoint={proxy.url}",
-                             "storage.s3_request_timeout=1", "train.old.epochs=3"], preset="tiny")
+                             "storage.s3_request_timeout=1", "storage.s3_create_bucket=true", "train.old.epochs=3"], preset="tiny")
     store = open_store(cfg.storage)
     datasets.fill(cfg, store)
     meta = stages.train_old(cfg, store, force=True)
