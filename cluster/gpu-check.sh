@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of fct-dist on one GPU node: every training stage with Ray Train on CUDA (NCCL, bf16
+# GPU check of fct-dist on one GPU node: the `gpu`-marked tests, every training stage with Ray Train on CUDA (NCCL, bf16
 # autocast), extract + backfill with GPU actors (checked against h on the CPU), and `fct bench` on the
 # GPU: both profiles on both distributors, the I/O path, h's compute-only rate, and the production
 # backfill with 1, 2, 4 and 8 actors sharing each GPU (rows/s per GPU).
 # Usage: cluster/gpu-check.sh OUTDIR  (the package importable)
 set -euo pipefail
 out=${1:?usage: cluster/gpu-check.sh OUTDIR}
+mkdir -p "$out"
 root=$(mktemp -d)/root
 gpus=$(nvidia-smi -L | wc -l)
 # every GPU actor pool fits the node: two actors share each GPU
@@ -14,6 +15,8 @@ fct() { python3 -m fct_dist.cli "$@" --preset tiny --set storage.root="$root" --
           --set backfill.num_actors=$((2 * gpus)) --set backfill.gpus_per_actor=0.5; }
 nvidia-smi -L
 python3 -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__)"
+# the tests marked `gpu` (skipped on CPU machines): h placed on CUDA and a faiss-gpu index against their CPU twins
+python3 -m pytest -q -m gpu tests 2>&1 | tee "$out"/gpu-tests.txt
 fct data
 for stage in train-old train-side-info train-new "train-new --bct" train-transformation "train-transformation --no-side"; do
   fct $stage
