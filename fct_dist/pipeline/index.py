@@ -144,14 +144,21 @@ def source_of(store: Store, src: str, column: str, plain: bool = False) -> dict:
     """What the index needs of a lake (its key, rows and the column's dim): an fct lake's manifest; with
     `plain`, for a Parquet folder someone else wrote (ids + a vector column), the same read from its
     files. A column that is not a vector column of the lake is an error listing those that are."""
-    files = lake.parts(store, src)
-    schema = lake.read_schema(store, files[0])
-    vector_columns = [f.name for f in schema if lake.vector_dim(f.type) is not None]
+    if plain and not currency.has_manifest(store, src):
+        files = lake.parts(store, src)
+        schema = lake.read_schema(store, files[0])
+        if lake.producer_of(schema):
+            currency.manifest(store, src)  # fct's own files without a manifest: an unfinished lake, refused
+        vector_columns = [f.name for f in schema if lake.vector_dim(f.type) is not None]
+        source = None
+    else:  # the manifest alone says it: no listing, no footer read (evaluate asks this of every case)
+        source = currency.manifest(store, src)
+        vector_columns = [name for name, entry in source["producer"].items() if entry.get("dim")]
     if column not in vector_columns:
         raise LakeError(f"{store.uri(src)}: no vector column {column!r}; its vector columns are "
                         f"{', '.join(vector_columns) or 'none'} (choose one with --column)")
-    if not plain or lake.producer_of(schema) or currency.has_manifest(store, src):
-        return currency.manifest(store, src)  # fct's files without a manifest: an unfinished lake, refused
+    if source is not None:
+        return source
     rows = sum(lake.read_footer(store, path).metadata.num_rows for path in files)
     dim = lake.column_dims(store, src, [column])[column]
     return {"key": lake.identity(store, src), "rows": rows, "producer": {column: {"dim": dim}}}
