@@ -57,6 +57,7 @@ def _train(stage: str):
 def _extract(cfg: Config, store: Store, a) -> None:
     from .pipeline import extract
     models = dict(m.split("=", 1) if "=" in m else (m, m) for m in a.model)
+    cfg.columns.carry = [*cfg.columns.carry, *(c for c in a.carry if c not in cfg.columns.carry)]
     extract.extract(cfg, store, a.split, models, a.name or "-".join(models.values()), a.input, a.output)
 
 
@@ -207,6 +208,8 @@ def _lakes(cmd: Command) -> None:
     s.add_argument("--input", metavar="URI", help="image lake to read instead of images/SPLIT: Parquet with the "
                    "columns.id and columns.image columns, or a folder of images named by id (000123.jpg)")
     s.add_argument("--output", metavar="URI", help="embedding lake to write (default: embeddings/NAME/SPLIT)")
+    s.add_argument("--carry", action="append", default=[], metavar="COLUMN", help="a column of the --input lake to "
+                   "copy into the output (a URL, a product id; its columns.label is always copied); repeat")
     s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
     s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
     s.add_argument("--split", default="test", help="the stored lake's split")

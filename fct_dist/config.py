@@ -176,6 +176,7 @@ class Columns:
     out: str = "emb"
     uncertainty: str = "uncertainty"
     keep: list[str] = field(default_factory=list)  # input columns the backfill copies unchanged into its output
+    carry: list[str] = field(default_factory=list)  # image-lake columns fct extract copies into its output (+ label)
 
 
 @dataclass

@@ -292,7 +292,7 @@ def format_table(cases: list[dict]) -> str:
 
 def matrix(cfg: Config, store: Store) -> dict:
     """Every case whose embeddings exist, and the recall of every current index of the split;
-    returns {"cases": [...], "gap_closed": {...}, "index_recall_at_10": {...}, "skipped": [...]}."""
+    returns {"cases": [...], "gap_closed": {...}, "index_recall_at_10": {...}, "skipped": {case: why}}."""
     split, wanted = cfg.eval.split, cases(cfg)
     present = {m for pair in wanted for m in pair if currency.has_manifest(store, layout.embeddings(store, source(m)[0], split))}
     pairs = [(q, g) for q, g in wanted if q in present and g in present]
@@ -303,7 +303,9 @@ def matrix(cfg: Config, store: Store) -> dict:
                       and index.current(cfg, store, source(m)[0], split) is not None})
     out = {"cases": done, "gap_closed": {g: gap_closed(done, g) for g in (FCT, FCT_NOSIDE)},
            "index_recall_at_10": {name: index_recall(cfg, store, name, split) for name in indexed},
-           "skipped": [f"{q}/{g}" for q, g in wanted if (q, g) not in pairs],
+           "skipped": {f"{q}/{g}": "no finished lake " + " or ".join(
+               store.uri(layout.embeddings(store, source(m)[0], split)) for m in (q, g) if m not in present)
+               for q, g in wanted if (q, g) not in pairs},
            "upgrades": {}}
     for k in range(3, cfg.versions.last + 1):
         if {version(k), chained(k), direct(k)} <= present and (served := upgrade_to(cfg, done, k)):
@@ -312,6 +314,8 @@ def matrix(cfg: Config, store: Store) -> dict:
         out["backfill_curve"] = backfill_curve(cfg, store, sources, truth)  # new/fct is a case: both are loaded
     log.info("%s", format_table(done))
     name = labels(cfg)
+    for q, g in ((q, g) for q, g in wanted if (q, g) not in pairs):
+        log.warning("skipped %s / %s: because there is %s", name.get(q, q), name.get(g, g), out["skipped"][f"{q}/{g}"])
     for g, v in out["gap_closed"].items():
         if v:
             log.info("gap closed by %s: top-1 %.0f %%, mAP %.0f %%", name[g], 100 * v["top1"], 100 * v["map"])
@@ -324,37 +328,69 @@ def matrix(cfg: Config, store: Store) -> dict:
     return out
 
 
+def transformation_misfit(store: Store, name: str, f: features.Features, uri: str) -> str:
+    """Why models/{name} cannot map this features lake's old (and side) vectors ("" when it can): missing,
+    trained towards other model versions or dims, or, where the lake does not record its versions, on
+    another lake."""
+    train = f"train it on this lake: fct train-transformation --features {uri}" + (" --no-side" if name == FCT_NOSIDE else "")
+    from .models import registry
+    if not registry.exists(store, name):
+        return f"there is no transformation models/{name}; {train}"
+    meta = registry.read_meta(store, name)
+    if name == FCT and "side" not in f.columns:
+        return "the lake has no side-info column"
+    roles = ("old", "side", "new") if name == FCT else ("old", "new")
+    if any(meta["dims"][r] != f.dims[r] for r in roles):
+        return (f"models/{name} maps dims {[meta['dims'][r] for r in roles]}, the lake's {', '.join(roles)} columns "
+                f"have {[f.dims[r] for r in roles]}; {train}")
+    ours, theirs = ({r: v.get(r) for r in roles} for v in (f.versions, meta["producers"]))
+    if all(ours.values()) and all(theirs.values()):
+        other = [f"{r}: {theirs[r]} vs the lake's {ours[r]}" for r in roles if theirs[r] != ours[r]]
+        return f"models/{name} was trained on other model versions ({', '.join(other)}); {train}" if other else ""
+    if meta.get("features") != store.uri(f.train):
+        return (f"models/{name} was trained on {meta.get('features')}, and which model versions made its columns or "
+                f"this lake's is not recorded; {train}")
+    return ""
+
+
 @torch.no_grad()
 def features_matrix(cfg: Config, store: Store, uri: str) -> dict:
     """The compatibility matrix on a features lake you bring (its test split, with labels): old/old,
-    new/new, and new queries against the old vectors transformed by each transformation artefact
-    trained on this lake (with and without side-info where both exist). Above eval.exact_max_gallery
-    items, a seeded sample of that many is ranked (said in the result)."""
+    new/new, and new queries against the old vectors transformed by each transformation artefact that
+    fits the lake (with and without side-info); a case that cannot be computed is named with the reason.
+    Above eval.exact_max_gallery items, a seeded sample of that many is ranked (said in the result)."""
     from .models import registry
     f = features.open_lake(cfg, store, uri)
     label = cfg.columns.label
     if not features.has_column(store, f.test, label):
-        log.warning("%s has no label column %r: nothing to evaluate (set columns.label)", store.uri(f.test), label)
-        return {"cases": [], "skipped": f"no label column {label!r}"}
+        raise lake.LakeError(f"{store.uri(f.test)}: no label column {label!r}, and the evaluation needs each item's "
+                             "class: name the lake's label column (--set columns.label=COLUMN), or extract the lake "
+                             "from an image lake with labels (fct extract copies its columns.label)")
     x = features.read(store, f.test, f.columns, f.dims, with_ids=True, label=label)
     ids, labels = x["id"].numpy(), x["label"].numpy()
     keep = np.arange(len(ids))
     if len(ids) > cfg.eval.exact_max_gallery:
         keep = np.sort(np.random.default_rng(0).choice(len(ids), cfg.eval.exact_max_gallery, replace=False))
-    sources = {OLD: x["old"].numpy(), NEW: x["new"].numpy()}
+    sources, misfit = {OLD: x["old"].numpy(), NEW: x["new"].numpy()}, {}
     for name in (FCT, FCT_NOSIDE):
-        if registry.exists(store, name) and registry.read_meta(store, name).get("features") == store.uri(f.train):
-            h, _ = registry.load(store, name, {"kind": "transformation"})
-            sources[name] = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096])
-                                       for i in range(0, len(ids), 4096)]).numpy()
-    cases = []
+        if why := transformation_misfit(store, name, f, uri):
+            misfit[name] = why
+            continue
+        h, _ = registry.load(store, name, {"kind": "transformation"})
+        sources[name] = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096])
+                                   for i in range(0, len(ids), 4096)]).numpy()
+    cases, skipped = [], {}
     for q, g in [(OLD, OLD), (NEW, NEW), (NEW, FCT), (NEW, FCT_NOSIDE), (NEW, OLD)]:
-        if q in sources and g in sources:
-            r = exact_ranking(sources[q][keep], labels[keep], ids[keep], sources[g][keep], labels[keep], ids[keep],
-                              cfg.eval.max_rank, cfg.eval.block_size)
-            cases.append(r | {"query": q, "gallery": g, "label": f"{LABELS[q]} / {LABELS[g]}", "top1": r["cmc"][0],
-                              "top5": r["cmc"][min(4, len(r["cmc"]) - 1)]})
+        if g in misfit:
+            skipped[f"{LABELS[q]} / {LABELS[g]}"] = misfit[g]
+            continue
+        r = exact_ranking(sources[q][keep], labels[keep], ids[keep], sources[g][keep], labels[keep], ids[keep],
+                          cfg.eval.max_rank, cfg.eval.block_size)
+        cases.append(r | {"query": q, "gallery": g, "label": f"{LABELS[q]} / {LABELS[g]}", "top1": r["cmc"][0],
+                          "top5": r["cmc"][min(4, len(r["cmc"]) - 1)]})
     out = {"cases": cases, "gap_closed": {g: gap_closed(cases, g) for g in (FCT, FCT_NOSIDE)},
-           "items": len(keep), "sampled": len(keep) < len(ids), "lake": store.uri(f.test)}
+           "items": len(keep), "sampled": len(keep) < len(ids), "lake": store.uri(f.test), "skipped": skipped}
     log.info("%s", format_table(cases))
+    for case_, why in skipped.items():
+        log.warning("skipped %s: because %s", case_, why)
     return out

@@ -3,7 +3,8 @@ validated reader and the decoding every model input goes through."""
 from __future__ import annotations
 
 import io
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,19 +24,88 @@ def encode_png(img: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def decode_image(data: bytes, size: int | None = None, resize: int | None = None, channels: int = 3) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`: RGB (or grey for channels=1), the shorter side
-    resized to `resize` (default size), centre-cropped to size x size."""
-    im = Image.open(io.BytesIO(data))
-    if size is None:
+FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+           "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+RESIZE_MODES = ("fit", "shorter", "stretch")
+CROPS = ("center", "none")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How image bytes become one model's input (a model card's preprocessing fields); size 0: as stored.
+
+    resize_mode `fit` (fct's default): the centre square scaled to resize x resize (PIL's ImageOps.fit),
+    then the centre size x size (offset floored). `shorter`: the shorter side to resize, aspect kept
+    (torchvision's Resize(resize)); `stretch`: the whole image to resize x resize (Resize((resize, resize)));
+    both then cut the centre square as torchvision's CenterCrop does (offset rounded). `draft` lets libjpeg
+    decode a JPEG at a reduced scale still >= resize: faster, but not what a pipeline that decodes at
+    full size computes."""
+    size: int = 0
+    resize: int = 0  # 0: size
+    channels: int = 3
+    resize_mode: str = "fit"
+    interpolation: str = "bicubic"
+    crop: str = "center"
+    draft: bool = True
+
+    @property
+    def side(self) -> int:
+        return self.resize or self.size
+
+    @property
+    def mode(self) -> str:
+        return "RGB" if self.channels == 3 else "L"
+
+    def draft_request(self, image: Image.Image) -> tuple | None:
+        """What to ask libjpeg for (None: a full decode)."""
+        return (self.mode, (self.side, self.side)) if self.size and self.draft and image.format == "JPEG" else None
+
+    def apply(self, im: Image.Image) -> np.ndarray:
+        """A decoded image -> uint8 (H, W[, 3]) as this model takes it."""
+        if not self.size:
+            return np.asarray(im)
+        r, f, s = self.side, FILTERS[self.interpolation], self.size
+        im = im.convert(self.mode)
+        if self.resize_mode == "fit":
+            im = ImageOps.fit(im, (r, r), method=f)  # = shorter side to r, centre square
+            left = top = (r - s) // 2
+        else:
+            w, h = im.size
+            if self.resize_mode == "shorter":  # torchvision's _compute_resized_output_size
+                long = int(r * max(w, h) / min(w, h))
+                im = im.resize((r, long) if w <= h else (long, r), f)
+            else:
+                im = im.resize((r, r), f)
+            w, h = im.size
+            left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))  # torchvision's center_crop
+        if im.size != (s, s):
+            im = im.crop((left, top, left + s, top + s))
         return np.asarray(im)
-    r, mode = resize or size, "RGB" if channels == 3 else "L"
-    im.draft(mode, (r, r))  # JPEG: let libjpeg decode at the smallest scale still >= r
-    im = ImageOps.fit(im.convert(mode), (r, r))  # = shorter side to r, centre square
-    if r > size:
-        o = (r - size) // 2
-        im = im.crop((o, o, o + size, o + size))
-    return np.asarray(im)
+
+
+def decode_ways(data: bytes, ways: Sequence[Preprocess]) -> list[np.ndarray]:
+    """One image's bytes -> its input for each way: decoded once, or once per JPEG draft scale asked for."""
+    first = Image.open(io.BytesIO(data))
+    opened: dict = {}
+    for p in ways:
+        key = p.draft_request(first)
+        if key not in opened:
+            im = first if not opened else Image.open(io.BytesIO(data))
+            if key:
+                im.draft(*key)
+            im.load()
+            opened[key] = im
+    return [p.apply(opened[p.draft_request(first)]) for p in ways]
+
+
+def decode_image(data: bytes, size: int | None = None, resize: int | None = None, channels: int = 3) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (H, W[, 3]); with `size`: fitted as Preprocess(size, resize, channels) says."""
+    return decode_ways(data, [Preprocess(size or 0, resize or 0, channels)])[0]
+
+
+def as_chw(a: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (C, H, W)."""
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = "",
@@ -50,7 +120,7 @@ def decode_images(col: pa.Array | pa.ChunkedArray | list[bytes], where: str = ""
         except Exception as e:  # PIL raises many types for corrupt bytes
             who = f"id {int(ids[i])}" if ids is not None else f"row {i}"
             raise LakeError(f"{where}: image of {who} does not decode ({type(e).__name__}: {e})") from None
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        out.append(as_chw(a))
     if len({a.shape for a in out}) > 1:
         raise LakeError(f"{where}: images of different sizes {sorted({a.shape for a in out})}; "
                         "expected one size per lake")

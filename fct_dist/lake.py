@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -29,6 +30,9 @@ from .currency import digest
 from .storage import Store, StorageError, is_storage_fault
 
 META_KEY = b"fct"
+# Vectors read from a lake are zero-copy views of Arrow's read-only buffers, and fct only reads the tensors
+# made from them (h, training, search): torch's warning about non-writable arrays is noise to a user
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class LakeError(ValueError):

@@ -21,7 +21,6 @@ from PIL import Image
 from fct_dist import cli, currency, datasets, evaluate, image_lake, lake
 from fct_dist.datasets import folder, synthetic
 from fct_dist.models import registry
-from fct_dist.pipeline import index
 from fct_dist.storage import open_store
 from fct_dist.train import stages
 
@@ -29,17 +28,19 @@ from .support import make_cfg
 
 COLUMNS = {"id": "item_id", "image": "jpeg", "label": "category", "old": "emb_v1", "side": "side_v1",
            "new": "emb_v2", "out": "emb_v2"}
-SIZE = 16
+SIZE = 16  # the lake's images
+SIZES = {"old": 16, "side": 8, "new": 24}  # each model's input, as its card says
 IN_DRIVER = ("--set", "train.num_workers=0")  # h trained in the test's process: Ray Train is covered by the first test
 
 
 class MLP(nn.Module):
     """The team's old model and side-info encoder: flatten -> MLP."""
 
-    def __init__(self, out: int, seed: int, channels: int = 3):
+    def __init__(self, out: int, seed: int, channels: int = 3, size: int = SIZE):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * SIZE * SIZE, 32), nn.GELU(), nn.Linear(32, out))
+        self.size = size
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 32), nn.GELU(), nn.Linear(32, out))
 
     def forward(self, x):
         return self.net(x)
@@ -49,17 +50,18 @@ class TinyViT(nn.Module):
     """The team's new model: 4x4 patches -> one pre-norm self-attention + MLP block -> mean over tokens
     -> projection."""
 
-    def __init__(self, out: int = 12, d: int = 16):
+    def __init__(self, out: int = 12, d: int = 16, size: int = SIZE):
         super().__init__()
         torch.manual_seed(2)
+        self.size = size
         self.patch = nn.Conv2d(3, d, 4, 4)
-        self.pos = nn.Parameter(torch.randn(1, (SIZE // 4) ** 2, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, (size // 4) ** 2, d) * 0.1)
         self.norm1, self.qkv = nn.LayerNorm(d), nn.Linear(d, 3 * d)
         self.norm2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.head = nn.Linear(d, out)
 
     def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, 16 tokens, d)
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, tokens, d)
         q, k, v = self.qkv(self.norm1(t)).chunk(3, dim=-1)
         t = t + torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v
         t = t + self.mlp(self.norm2(t))
@@ -67,21 +69,28 @@ class TinyViT(nn.Module):
 
 
 def card(name: str, dim: int, **over) -> dict:
+    """A card for torchvision-style preprocessing: Resize(input_size) + CenterCrop(input_size), bilinear,
+    full-size decode, ImageNet-like normalisation."""
     return {"name": name, "version": "2026.1", "input_size": SIZE, "channels": 3, "mean": [0.5, 0.5, 0.5],
-            "std": [0.25, 0.25, 0.25], "output_dim": dim} | over
+            "std": [0.25, 0.25, 0.25], "output_dim": dim, "resize_mode": "shorter", "interpolation": "bilinear",
+            "draft": False} | over
 
 
 def export(path, model: nn.Module, model_card: dict) -> None:
     """What the team does: torch.export with a dynamic batch dim, saved as .pt2, and a card beside it."""
-    program = torch.export.export(model.eval(), (torch.zeros(2, model_card["channels"], SIZE, SIZE),),
+    program = torch.export.export(model.eval(), (torch.zeros(2, model_card["channels"], model.size, model.size),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
     (path.parent / f"{path.name}.card.yaml").write_text(yaml.safe_dump(model_card))
 
 
 def embed(model: nn.Module, images: list[bytes], mean: float = 0.5, std: float = 0.25) -> np.ndarray:
-    """The model in plain torch on images decoded with PIL: what fct's extraction must equal."""
-    x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]).transpose(0, 3, 1, 2)
+    """The team's own pipeline in plain torch: PIL decode, torchvision's Resize(size) + CenterCrop(size) on
+    these square images (a bilinear resize; tests/test_preprocess.py holds fct to torchvision itself),
+    ToTensor, Normalize, the model. What fct's extraction must equal."""
+    s = model.size
+    x = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((s, s), Image.Resampling.BILINEAR))
+                  for b in images]).transpose(0, 3, 1, 2)
     with torch.no_grad():
         return model.eval()((torch.from_numpy(x).float() / 255 - mean) / std).numpy()
 
@@ -103,14 +112,15 @@ def doubles(x: np.ndarray) -> pa.Array:
 
 @pytest.fixture
 def team(tmp_path, s3_endpoint, ray_local):
-    """The team's bucket: images (Parquet, and a folder), exported models with cards, features and the
-    stored lake; fct's storage root in the same bucket."""
+    """The team's bucket: images (Parquet with a URL column, and a folder), exported models with cards,
+    features and the stored lake; fct's storage root in the same bucket."""
     bucket = f"team-{uuid.uuid4().hex[:8]}"
     cfg = make_cfg(f"s3://{bucket}/fct", endpoint=s3_endpoint)
     store = open_store(cfg.storage)
-    models = {"old": MLP(8, 0), "side": MLP(6, 1), "new": TinyViT()}
+    dims = {"old": 8, "side": 6, "new": 12}
+    models = {"old": MLP(8, 0, size=SIZES["old"]), "side": MLP(6, 1, size=SIZES["side"]), "new": TinyViT(size=SIZES["new"])}
     for name, m in models.items():
-        export(tmp_path / f"{name}.pt2", m, card(f"team-{name}", {"old": 8, "side": 6, "new": 12}[name]))
+        export(tmp_path / f"{name}.pt2", m, card(f"team-{name}", dims[name], input_size=SIZES[name]))
     for suffix in ("", ".card.yaml"):  # the old model's file and card live on S3, the others on local disk
         store.write_bytes(f"{bucket}/team/models/old.pt2{suffix}", (tmp_path / f"old.pt2{suffix}").read_bytes())
     data = {}
@@ -123,9 +133,10 @@ def team(tmp_path, s3_endpoint, ray_local):
         spark_write(store, f"{bucket}/team/features/{split}", pa.table({
             "item_id": ids, "emb_v1": doubles(vec["old"]), "side_v1": doubles(vec["side"]),
             "emb_v2": doubles(vec["new"]), "category": labels}), files=3)
+        spark_write(store, f"{bucket}/team/images/{split}", pa.table({
+            "item_id": ids, "jpeg": pa.array(images, pa.binary()), "category": labels,
+            "url": [f"https://shop.example/{i}.png" for i in ids]}), files=2)
     ids, images, labels = data["test"]
-    spark_write(store, f"{bucket}/team/images/test", pa.table({"item_id": ids, "jpeg": pa.array(images, pa.binary()),
-                                                              "category": labels}), files=2)
     for i, b in zip(ids[:10], images[:10]):
         store.write_bytes(f"{bucket}/team/folder/{i:06d}.png", b)
     stored = pa.table({"item_id": ids, "emb_v1": doubles(embed(models["old"], images)),
@@ -139,63 +150,102 @@ def team(tmp_path, s3_endpoint, ray_local):
             "fct": lambda cmd, *args: cli.main([cmd, "--preset", "tiny", *(x for s in sets for x in ("--set", s)), *args])}
 
 
-def test_upgrade_your_own_lake_end_to_end(team):
+def test_your_models_your_lake_the_readme_walk_end_to_end(team, capsys):
+    """The README's "Your models, your lake": models exported torchvision-style at three input sizes,
+    one extract of all three per split (label and URL carried), h trained on that lake, the evaluation on it,
+    the backfill of the Spark-written stored lake, its index, a search; vectors checked at each step."""
     fct, uri, store, cfg = team["fct"], team["uri"], team["store"], team["cfg"]
-    # bring your own models: TorchScript + card, hash-verified, checked against the card on import
+    # bring your own models: torch.export program + card, hash-verified, checked against the card on import
     assert fct("import-model", "--name", "old", "--file", f"{uri}/models/old.pt2") == 0
     for name in ("side", "new"):
         assert fct("import-model", "--name", name, "--file", str(team["local"] / f"{name}.pt2")) == 0
     meta = registry.read_meta(store, "new")
     assert meta["kind"] == "exported" and meta["card"]["name"] == "team-new" and meta["dims"] == {"emb": 12}
+    assert meta["preprocess"] | {"size": 24, "resize_mode": "shorter", "interpolation": "bilinear"} == meta["preprocess"]
 
-    # extract over the team's image lake (other column names, Spark's files) and over a folder of images
-    assert fct("extract", "--model", "emb_v1=old", "--model", "emb_v2=new", "--input", f"{uri}/images/test",
-               "--output", f"{uri}/extracted") == 0
-    ids, images, _ = team["data"]["test"]
-    t = lake.read_lake(store, store.resolve(f"{uri}/extracted"), {"item_id": pa.int64()}, id_col="item_id").sort_by("item_id")
+    # one extract of the three models (16, 8 and 24 px) per split of the team's Spark-written image lake
+    for split in ("train", "test"):
+        assert fct("extract", "--model", "emb_v1=old", "--model", "side_v1=side", "--model", "emb_v2=new",
+                   "--input", f"{uri}/images/{split}", "--output", f"{uri}/extracted/{split}", "--carry", "url") == 0
+    ids, images, labels = team["data"]["test"]
+    t = lake.read_lake(store, store.resolve(f"{uri}/extracted/test"), {"item_id": pa.int64()},
+                       id_col="item_id").sort_by("item_id")
     np.testing.assert_array_equal(t["item_id"].to_numpy(), ids)
-    np.testing.assert_allclose(lake.to_numpy(t["emb_v1"]), embed(team["models"]["old"], images), atol=1e-5)
-    np.testing.assert_allclose(lake.to_numpy(t["emb_v2"]), embed(team["models"]["new"], images), atol=1e-5)
+    for col, role in (("emb_v1", "old"), ("side_v1", "side"), ("emb_v2", "new")):
+        np.testing.assert_allclose(lake.to_numpy(t[col]), embed(team["models"][role], images), atol=1e-5, err_msg=col)
+    assert t["category"].to_pylist() == labels.tolist()
+    assert t["url"].to_pylist() == [f"https://shop.example/{i}.png" for i in ids]
     assert fct("extract", "--model", "emb_v2=new", "--input", f"{uri}/folder", "--output", f"{uri}/from-folder") == 0
     f = lake.read_lake(store, store.resolve(f"{uri}/from-folder"), {"item_id": pa.int64()}, id_col="item_id").sort_by("item_id")
     np.testing.assert_array_equal(f["item_id"].to_numpy(), ids[:10])  # ids from the file names
     np.testing.assert_allclose(lake.to_numpy(f["emb_v2"]), lake.to_numpy(t["emb_v2"])[:10], atol=1e-6)
 
-    # h from the team's features lake (list<double>), the backfill of its stored lake, an index, the evaluation
-    assert fct("train-transformation", "--features", f"{uri}/features") == 0
+    # h from the extracted lake, its evaluation there, the backfill of the stored lake, an index, a search
+    assert fct("train-transformation", "--features", f"{uri}/extracted") == 0
     h_meta = registry.read_meta(store, "fct")
     assert h_meta["dims"] == {"old": 8, "side": 6, "new": 12} and h_meta["uses_side_info"]
+    assert fct("evaluate", "--features", f"{uri}/extracted") == 0
+    result = evaluate.features_matrix(cfg, store, f"{uri}/extracted")
+    assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),
+                                                                     ("new", "old")]
+    assert result["skipped"] == {"new / FCT (no side-info)": "there is no transformation models/fct-noside; train it on "
+                                 f"this lake: fct train-transformation --features {uri}/extracted --no-side"}
+    # new / FCT is new queries ranked against h(old, side) of the same items, each query's own item left out
+    h, _ = registry.load(store, "fct")
+    vec = {c: torch.from_numpy(lake.to_numpy(t[c]).copy()) for c in ("emb_v1", "side_v1", "emb_v2")}
+    with torch.no_grad():
+        g = h(vec["emb_v1"], vec["side_v1"]).numpy()
+    q = vec["emb_v2"].numpy()
+    dist = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    new_fct = next(c for c in result["cases"] if (c["query"], c["gallery"]) == ("new", "fct"))
+    assert new_fct["top1"] == pytest.approx(float((labels[dist.argmin(1)] == labels).mean()))
+    exact = evaluate.exact_ranking(q, labels, ids, g, labels, ids, cfg.eval.max_rank, 64)
+    assert new_fct["cmc"] == pytest.approx(exact["cmc"]) and new_fct["map"] == pytest.approx(exact["map"])
+
     assert fct("backfill", "--input", f"{uri}/stored", "--output", f"{uri}/upgraded") == 0
     out = lake.read_lake(store, store.resolve(f"{uri}/upgraded"), {"item_id": pa.int64()}, id_col="item_id").sort_by("item_id")
-    h, _ = registry.load(store, "fct")
     stored = team["stored"].sort_by("item_id")
     with torch.no_grad():
         want = h(*(torch.tensor(np.stack(stored[c].to_pylist()), dtype=torch.float32) for c in ("emb_v1", "side_v1")))
     np.testing.assert_array_equal(out["item_id"].to_numpy(), stored["item_id"].to_numpy())
     np.testing.assert_allclose(lake.to_numpy(out["emb_v2"]), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(lake.to_numpy(out["emb_v2"]), g, atol=1e-5)  # the stored lake = what extract made
     assert fct("index", "--input", f"{uri}/upgraded", "--column", "emb_v2") == 0
     assert currency.manifest(store, store.resolve(f"{uri}/upgraded.index"))["rows"] == len(ids)
-    _, top = index.search(store, "", "", lake.to_numpy(out["emb_v2"])[:5], 1, 1, directory=store.resolve(f"{uri}/upgraded.index"))
-    np.testing.assert_array_equal(top[:, 0], out["item_id"].to_numpy()[:5])  # each backfilled vector finds its own id
-    result = evaluate.features_matrix(cfg, store, f"{uri}/features")
-    assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),
-                                                                     ("new", "old")]
-    assert result["items"] == len(ids) and set(result["gap_closed"]["fct"]) == {"top1", "top5", "map"}
-    # new / FCT is new queries ranked against h(old, side) of the same items, each query's own item left out
-    test = lake.read_lake(store, store.resolve(f"{uri}/features/test"), {"item_id": pa.int64()},
-                          id_col="item_id").sort_by("item_id")
-    vec = {c: torch.tensor(np.stack(test[c].to_pylist()), dtype=torch.float32) for c in ("emb_v1", "side_v1", "emb_v2")}
-    with torch.no_grad():
-        g = h(vec["emb_v1"], vec["side_v1"]).numpy()
-    q, labels = vec["emb_v2"].numpy(), test["category"].to_numpy()
-    dist = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(dist, np.inf)
-    top1 = float((labels[dist.argmin(1)] == labels).mean())
-    new_fct = next(c for c in result["cases"] if (c["query"], c["gallery"]) == ("new", "fct"))
-    assert new_fct["top1"] == pytest.approx(top1)
-    exact = evaluate.exact_ranking(q, labels, test["item_id"].to_numpy(), g, labels, test["item_id"].to_numpy(),
-                                   cfg.eval.max_rank, 64)
-    assert new_fct["cmc"] == pytest.approx(exact["cmc"]) and new_fct["map"] == pytest.approx(exact["map"])
+    queries = team["local"] / "queries.npy"
+    np.save(queries, lake.to_numpy(out["emb_v2"])[:3])
+    capsys.readouterr()
+    assert fct("search", "--index", f"{uri}/upgraded.index", "--vectors", str(queries), "--k", "1") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[1].split("(")[0] for line in printed] == [str(i) for i in ids[:3]]  # each finds its own id
+
+
+def test_evaluate_without_labels_fails_with_the_fix_and_names_a_case_it_cannot_compute(team, caplog):
+    """A features lake without its label column is a non-zero exit naming the fix; an h trained on other
+    model versions is a named skip, not a shorter table."""
+    fct, uri, store = team["fct"], team["uri"], team["store"]
+    for split in ("train", "test"):
+        t = lake.read_lake(store, store.resolve(f"{uri}/features/{split}"), {"item_id": pa.int64()}, id_col="item_id")
+        spark_write(store, store.resolve(f"{uri}/unlabelled/{split}"), t.drop_columns(["category"]), files=1)
+    assert fct("evaluate", "--features", f"{uri}/unlabelled") == 2
+    assert "no label column 'category', and the evaluation needs each item's class: name the lake's label column " \
+           "(--set columns.label=COLUMN)" in caplog.text
+    assert fct("train-transformation", "--features", f"{uri}/features", *IN_DRIVER) == 0
+    caplog.clear()
+    assert fct("evaluate", "--features", f"{uri}/features") == 0  # h's own lake: the FCT case is computed
+    assert "skipped new / FCT (with side-info)" not in caplog.text
+    for name in ("old", "side", "new"):  # the same vectors, extracted: the lake now says which versions made them
+        assert fct("import-model", "--name", name, "--file", str(team["local"] / f"{name}.pt2")) == 0
+    for split in ("train", "test"):
+        assert fct("extract", "--model", "emb_v1=old", "--model", "side_v1=side", "--model", "emb_v2=new",
+                   "--input", f"{uri}/images/{split}", "--output", f"{uri}/extracted/{split}") == 0
+    caplog.clear()
+    assert fct("evaluate", "--features", f"{uri}/extracted") == 0
+    assert (f"skipped new / FCT (with side-info): because models/fct was trained on {uri}/features/train, and which "
+            "model versions made its columns or this lake's is not recorded; train it on this lake: fct "
+            f"train-transformation --features {uri}/extracted") in caplog.text
+    assert "| new / old |" in caplog.text and "| new / FCT (with side-info) |" not in caplog.text
 
 
 def test_a_lake_without_side_info_gets_the_no_side_transformation(team):

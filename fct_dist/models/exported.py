@@ -15,7 +15,14 @@ The card (YAML, next to the file as FILE.card.yaml or named with --card) says ho
     version: "2024.1"
     input_size: 224           # side of the square input (pixels)
     channels: 3               # 3 (RGB) or 1 (grey)
-    resize: 256               # shorter side resized to this, then centre-cropped to input_size (default: input_size)
+    resize: 256               # the image is scaled to this (default: input_size), then centre-cropped to input_size
+    resize_mode: shorter      # fit (default): the centre square scaled to resize x resize (PIL ImageOps.fit);
+                              # shorter: shorter side to resize, aspect kept (torchvision Resize(resize));
+                              # stretch: whole image to resize x resize (torchvision Resize((resize, resize)))
+    interpolation: bilinear   # bicubic (default) | bilinear (torchvision's default) | nearest | lanczos
+    crop: center              # center (default): the centre input_size square; none: resize must equal input_size
+    draft: false              # true (default): JPEGs may decode at a reduced scale still >= resize (faster);
+                              # false: full-size decode, as torchvision pipelines do
     mean: [0.485, 0.456, 0.406]  # per-channel normalisation of pixels in [0, 1]
     std: [0.229, 0.224, 0.225]
     output_dim: 2048          # embedding dim
@@ -39,6 +46,7 @@ import yaml
 from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHT_FILENAME_PREFIX
 
 from ..config import ConfigError, from_dict
+from ..image_lake import CROPS, FILTERS, RESIZE_MODES, Preprocess
 from ..storage import Store, StorageError
 from .artefact import ArtefactError, save_bytes
 
@@ -58,10 +66,15 @@ class ModelCard:
     std: list[float] = field(default_factory=lambda: [1.0])
     output_dim: int = 0
     sha256: Optional[str] = None
+    resize_mode: str = "fit"
+    interpolation: str = "bicubic"
+    crop: str = "center"
+    draft: bool = True
 
     def preprocess(self) -> dict:
-        """How images are decoded for this model (models of one extraction pass must agree)."""
-        return {"size": self.input_size, "resize": self.resize or self.input_size, "channels": self.channels}
+        """How images are fitted for this model (image_lake.Preprocess's fields)."""
+        return dataclasses.asdict(Preprocess(self.input_size, self.resize or self.input_size, self.channels,
+                                             self.resize_mode, self.interpolation, self.crop, self.draft))
 
 
 def read_card(text: str, where: str) -> ModelCard:
@@ -79,6 +92,12 @@ def read_card(text: str, where: str) -> ModelCard:
             problems.append(f"{k} has {len(getattr(card, k))} values; expected 1 or channels ({card.channels})")
     if card.resize is not None and card.resize < card.input_size:
         problems.append(f"resize {card.resize} is smaller than input_size {card.input_size}")
+    for k, allowed in (("resize_mode", RESIZE_MODES), ("interpolation", tuple(FILTERS)), ("crop", CROPS)):
+        if getattr(card, k) not in allowed:
+            problems.append(f"{k} is {getattr(card, k)!r}; expected one of {', '.join(allowed)}")
+    if card.crop == "none" and (card.resize_mode == "shorter" or (card.resize or card.input_size) != card.input_size):
+        problems.append("crop none needs a square input_size x input_size image after resizing (resize_mode fit or "
+                        "stretch, resize unset or equal to input_size)")
     if problems:
         raise ConfigError(f"model card {where}: " + "; ".join(problems))
     return card

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +20,6 @@ from ..storage import Store
 from . import distribute, filemap
 from .device import place
 from .filejob import FileJob
-
-
-# Arrow's buffers are read-only and h only reads them: torch's warning about that is noise
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class TransformFn:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import image_lake, layout
+from .. import image_lake, lake, layout
 from ..config import Columns, Config
 from ..currency import digest
 from ..datasets import folder
@@ -22,36 +21,46 @@ from .filejob import FileJob
 
 
 class ExtractFn:
-    """Decodes an image batch once and embeds it with every model; undecodable images are invalid rows.
-
-    Images are decoded as the models' `preprocess` says (a team's model card: size, resize, channels;
-    our own models: native size); the models of one pass must agree on it."""
+    """Decodes each image once and fits it for every model as its `preprocess` says (a team's model card:
+    size, resize mode, interpolation, crop, draft; fct's own models: as stored), then embeds the batch with
+    every model; an image that does not decode is an invalid row."""
 
     def __init__(self, store: Store, models: dict[str, str], precision: str, image_col: str = "image"):
-        self.models, self.dims, ways = {}, {}, set()
+        self.models, self.dims, self.ways = {}, {}, {}
         for col, name in models.items():
             module, meta = registry.load(store, name)
             self.models[col], self.device, self.dtype = place(registry.embedder(meta["kind"], module), precision)
             self.dims[col] = meta["dims"]["emb"]
-            ways.add(json.dumps(meta.get("preprocess"), sort_keys=True))
-        if len(ways) > 1:
-            raise LakeError(f"models {sorted(models.values())} decode images differently ({' vs '.join(sorted(ways))}); "
-                            "extract them in separate passes")
-        self.preprocess, self.image_col = json.loads(ways.pop()) or {}, image_col
+            self.ways[col] = preprocess_of(meta)
+        self.distinct = sorted(set(self.ways.values()), key=repr)  # each way fitted once per image
+        self.image_col = image_col
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
-        images, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
+        fitted, invalid, reasons = [], np.zeros(rb.num_rows, bool), []
         for i, b in enumerate(rb.column(self.image_col).to_pylist()):
             try:
-                images.append(image_lake.decode_images([b], **self.preprocess))
-            except LakeError as e:
+                fitted.append([image_lake.as_chw(a) for a in image_lake.decode_ways(b, self.distinct)])
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt bytes
                 invalid[i] = True
-                reasons.append(f"image does not decode: {str(e).split('(', 1)[-1].rstrip(')')}")
-        if not images:
+                reasons.append(f"image does not decode ({type(e).__name__}: {e})")
+        if not fitted:
             return invalid, reasons, {c: np.zeros((0, d), np.float32) for c, d in self.dims.items()}
-        x = torch.from_numpy(np.concatenate(images)).to(self.device)
-        return invalid, reasons, {c: m(x).float().cpu().numpy() for c, m in self.models.items()}
+        out = {}
+        for col, m in self.models.items():
+            k = self.distinct.index(self.ways[col])
+            shapes = {f[k].shape for f in fitted}
+            if len(shapes) > 1:  # images as stored (fct's own models) must share one size
+                raise LakeError(f"images of different sizes {sorted(shapes)} for model column {col!r}; expected one "
+                                "size per lake (give the model a card with input_size)")
+            x = torch.from_numpy(np.stack([f[k] for f in fitted])).to(self.device)
+            out[col] = m(x).float().cpu().numpy()
+        return invalid, reasons, out
+
+
+def preprocess_of(meta: dict) -> image_lake.Preprocess:
+    """How a model's images are fitted: its card's fields (older cards: the defaults), or as stored."""
+    return image_lake.Preprocess(**(meta.get("preprocess") or {}))
 
 
 def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
@@ -70,13 +79,36 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
     for col, name in models.items():
         _, meta = registry.load(store, name)
         producer[col] = {"model": name, "version": meta["version"], "dim": meta["dims"]["emb"]}
+    carried = carried_columns(store, in_dir, cols, cfg.columns.carry if input else [], [cols.id, *producer])
+    producer |= {c: {"dim": 0, "type": str(t), "kept": "copied unchanged from the input lake"} for c, t in carried.items()}
     return FileJob(
         store=store, in_dir=in_dir, out_dir=out_dir,
         rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, out_name, split),
-        expected={cols.id: pa.int64(), cols.image: pa.binary()}, columns=[cols.id, cols.image],
+        expected={cols.id: pa.int64(), cols.image: pa.binary()} | carried, columns=[cols.id, cols.image, *carried],
         make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision, cols.image), producer=producer,
         fingerprint=digest(producer, cfg.extract.precision, cols.image), actors=cfg.extract, id_col=cols.id,
-        name="extract")
+        name="extract", carry=list(carried))
+
+
+def carried_columns(store: Store, in_dir: str, cols: Columns, named: list[str], taken: list[str]) -> dict[str, pa.DataType]:
+    """{column: type} an extraction copies from its image lake: the label column when the lake has one, and
+    the `named` ones (columns.carry), read from its first file's schema (the plan checks every file)."""
+    first = lake.parts(store, in_dir)[0]
+    schema, where = lake.read_schema(store, first), store.uri(first)
+    out = {}
+    for c in ([cols.label] if cols.label in schema.names and cols.label not in named else []) + named:
+        if c not in schema.names:
+            raise LakeError(f"{where}: no column {c!r} to carry (columns.carry); columns present: {', '.join(schema.names)}")
+        if c in taken:
+            raise LakeError(f"columns.carry: {c!r} is also an output column of this extraction ({', '.join(taken)})")
+        t = schema.field(c).type
+        try:
+            pa.type_for_alias(str(t))
+        except ValueError:
+            raise LakeError(f"{where}: column {c!r} has type {t}; only scalar columns (numbers, strings, dates) can be "
+                            "carried") from None
+        out[c] = t
+    return out
 
 
 def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,

@@ -26,8 +26,8 @@ class BatchFn(Protocol):
 
 def column_type(p: dict) -> pa.DataType:
     """The Arrow type of an output column from its producer entry: a float32 vector of `dim`, or with
-    dim 0 a scalar of `type` (float32 unless it says bool)."""
-    return pa.list_(pa.float32(), p["dim"]) if p["dim"] else pa.from_numpy_dtype(np.dtype(p.get("type", "float32")))
+    dim 0 a scalar of `type` (an Arrow type name; float32 unless it says otherwise)."""
+    return pa.list_(pa.float32(), p["dim"]) if p["dim"] else pa.type_for_alias(p.get("type", "float32"))
 
 class InputChanged(StorageError):
     """An input file changed while the run was using it: never quarantined, the run stops."""
@@ -49,6 +49,7 @@ class FileJob:
     id_col: str = "id"
     name: str = "map"
     expect_versions: dict = field(default_factory=dict)  # input column -> the embedding space (version) it must be in
+    carry: list[str] = field(default_factory=list)  # input columns copied unchanged into the output (good rows)
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,9 @@ class FileWorker:
                 raise RuntimeError(f"{job.name}: the batch function returned {c} of shape {v.shape}; expected {want}")
         if dup[~invalid].any():
             vectors = {k: v[~dup[~invalid]] for k, v in vectors.items()}
-        out = pa.table({job.id_col: pa.array(ids[~bad], pa.int64())} | {k: lake.to_arrow(v) for k, v in vectors.items()})
+        columns = {c: rb.column(c).filter(pa.array(~bad)) for c in job.carry} | {
+            k: lake.to_arrow(v) for k, v in vectors.items()}
+        out = pa.table({job.id_col: pa.array(ids[~bad], pa.int64())} | {c: columns[c] for c in job.producer})
         if not bad.any():
             return out, None
         reason = np.full(len(ids), "", dtype=object)
