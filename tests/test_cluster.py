@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -26,22 +27,60 @@ def test_aws_launcher_config_passes_rays_schema():
     assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}  # no work on the head
     gpu = cfg["available_node_types"]["gpu_worker"]
     assert gpu["max_workers"] > gpu["min_workers"] == 0  # autoscaling
-    assert any('".[gpu]"' in c for c in cfg["setup_commands"])
     assert "IamInstanceProfile" in gpu["node_config"]
+    for name, node in cfg["available_node_types"].items():  # never Ray's built-in default AMI (past its end of life)
+        assert node["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/"), name
+    assert cfg["docker"]["image"] == gpu_image()  # the Dockerfile's gpu target, as its header builds it
+    assert any("boto3" in c for c in cfg["head_setup_commands"])  # the head's autoscaler talks to EC2
     with pytest.raises(Exception):  # the schema check is real: an unknown key fails it
         validate_config(prepare_config(dict(cfg, not_a_launcher_key=1)))
     text = (CLUSTER / "aws.yaml").read_text().lower()
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
 
 
+def gpu_image() -> str:
+    """The image name the Dockerfile's header builds for its gpu target."""
+    line = next(x for x in (ROOT / "Dockerfile").read_text().splitlines() if "--target gpu" in x)
+    return shlex.split(line.lstrip("# "))[5]
+
+
+def test_dockerfile_builds_the_project_on_the_pinned_ray_for_cpu_and_gpu():
+    """No Docker engine runs here: the file is checked for what a build needs (both targets, Ray's image of
+    the version pyproject pins, every file it copies present, the CPU target's torch from the CPU index)."""
+    from fct_dist import __version__
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [x for x in text.splitlines() if x and not x.startswith("#")]
+    pinned = re.search(r'"ray\[[a-z,]+\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f"ARG RAY_VERSION={pinned}" in lines
+    targets = {x.split(" AS ")[1]: x.split()[1] for x in lines if x.startswith("FROM ")}
+    assert targets == {"project": "scratch", "cpu": "rayproject/ray:${RAY_VERSION}-py311-cpu",
+                       "gpu": "rayproject/ray:${RAY_VERSION}-py311-gpu"}
+    for x in lines:
+        if x.startswith("COPY ") and "--from" not in x:
+            for src in x.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+    assert "pip install --no-cache-dir -r requirements-cpu.txt" in text and 'pip install --no-cache-dir -e ".[gpu]"' in text
+    assert gpu_image().endswith(f":{__version__}-gpu")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "fct-data", ".git"} <= set(ignored)
+
+
+def test_the_cpu_requirements_pin_the_cpu_build_of_the_torch_make_installs():
+    req = (ROOT / "requirements-cpu.txt").read_text().splitlines()
+    make_pin = re.search(r"torch==([0-9.]+)", (ROOT / "Makefile").read_text()).group(1)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in req
+    assert f"torch=={make_pin}+cpu" in req and "-e .[cpu]" in req
+
+
 def check_ray_cluster_spec(spec: dict) -> None:
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
-    assert head["template"]["spec"]["containers"][0]["image"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # `kubectl port-forward` reaches the pod's address
+    assert head["template"]["spec"]["containers"][0]["image"] == gpu_image()
     for group in spec["workerGroupSpecs"]:
         assert group["groupName"] and "rayStartParams" in group
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        assert group["template"]["spec"]["containers"][0]["image"]
+        assert group["template"]["spec"]["containers"][0]["image"] == gpu_image()
         mounts = group["template"]["spec"]["containers"][0]["volumeMounts"]
         assert {"name": "shm", "mountPath": "/dev/shm"} in mounts
     gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"][0]

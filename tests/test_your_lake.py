@@ -1,7 +1,7 @@
 """A team's own models and lake, end to end: models exported here with torch.export (not fct's ResNets: an MLP
 and a tiny ViT-like block) with their cards, a lake written the way Spark writes it (list<double>,
 other column names, several snappy files, a _SUCCESS marker) on a real S3 endpoint, and the commands
-of the README's "Upgrade your own lake"."""
+of the README's "Your models, your lake"."""
 from __future__ import annotations
 
 import io
