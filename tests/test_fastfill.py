@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import currency, evaluate, features, lake, layout, losses
+from fct_dist import currency, evaluate, features, lake, layout, losses, ranking
 from fct_dist.models import registry
 from fct_dist.pipeline import refill
 from fct_dist.storage import open_store
@@ -148,7 +148,7 @@ def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     (ids, new, labels), (_, h, _) = (evaluate.load_source(store, m, "test", truth) for m in ("new", "fct"))
     q = np.sort(np.random.default_rng(1).choice(len(ids), curve["queries"], replace=False))
     for f, g in ((0, h), (-1, new)):
-        r = evaluate.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
+        r = ranking.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
         for order, c in curve["curves"].items():
             assert (c["top1"][f], c["map"][f]) == pytest.approx((r["cmc"][0], r["map"])), (order, f)
     # the upgrade's refill (budget 0.1) is the uncertainty curve's 10 % point, scored on the same queries
@@ -167,7 +167,7 @@ def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     for order, first in orders.items():
         g = h.copy()
         g[first[:count]] = new[first[:count]]
-        r = evaluate.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
+        r = ranking.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)
         c = curve["curves"][order]
         assert (c["top1"][i], c["map"][i]) == pytest.approx((r["cmc"][0], r["map"])), order
         assert (c["auc_top1"], c["auc_map"]) == pytest.approx((np.mean(c["top1"]), np.mean(c["map"]))), order

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from fct_dist import currency, evaluate, lake
+from fct_dist import currency, evaluate, lake, ranking
 from fct_dist.pipeline import index
 from fct_dist.storage import StorageError, open_store
 
@@ -39,7 +39,7 @@ def test_cmc_and_map_match_brute_force_with_ties_and_singletons(seed):
     labels[:3] = [97, 98, 99]  # classes of size one: such queries have no match and are left out
     ids = np.arange(100, 100 + n)
     cmc, m_ap, counted = brute_force(g, labels, ids, g, labels, ids, 10)
-    got = evaluate.exact_ranking(g, labels, ids, g, labels, ids, 10, block_size=7)
+    got = ranking.exact_ranking(g, labels, ids, g, labels, ids, 10, block_size=7)
     np.testing.assert_allclose(got["cmc"], cmc, atol=1e-12)
     assert got["map"] == pytest.approx(m_ap, abs=1e-12)
     assert got["queries"] == counted and got["queries_without_match"] == 3
@@ -51,13 +51,13 @@ def test_cross_model_case_and_neighbour_path():
     ql, gl = rng.integers(0, 4, 40), rng.integers(0, 4, 50)
     qi, gi = np.arange(40), np.arange(50)  # queries 0..39 are also gallery items 0..39
     cmc, m_ap, _ = brute_force(q, ql, qi, g, gl, gi, 5)
-    exact = evaluate.exact_ranking(q, ql, qi, g, gl, gi, 5, 16)
+    exact = ranking.exact_ranking(q, ql, qi, g, gl, gi, 5, 16)
     np.testing.assert_allclose(exact["cmc"], cmc, atol=1e-12)
     assert exact["map"] == pytest.approx(m_ap)
     flat = faiss.IndexFlatL2(4)
     flat.add(g)
     _, nbr = flat.search(q, 50)  # the whole gallery: mAP@50 is the full mAP
-    via = evaluate.ranking_from_neighbours(gi[nbr], ql, qi, gl, gi, 5)
+    via = ranking.ranking_from_neighbours(gi[nbr], ql, qi, gl, gi, 5)
     np.testing.assert_allclose(via["cmc"], cmc, atol=1e-12)
     assert via["map"] == pytest.approx(m_ap)
 
@@ -159,7 +159,7 @@ def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local,
     index.build(cfg, store, "vec", "test")
     via_index = evaluate.case(cfg, store, "q16", "vec", sources)
     q_ids, q, q_labels = sources["q16"]
-    exact = evaluate.exact_ranking(q, q_labels, q_ids, x[order], labels[order], ids[order], cfg.eval.max_rank, 64)
+    exact = ranking.exact_ranking(q, q_labels, q_ids, x[order], labels[order], ids[order], cfg.eval.max_rank, 64)
     assert via_index["method"].startswith("faiss") and via_index["dims"] == [16, 8]
     # float32 distances of torch and faiss may order a near-tie differently: one query of 200 at most
     np.testing.assert_allclose(via_index["cmc"], exact["cmc"], atol=1 / 200 + 1e-12)

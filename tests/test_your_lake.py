@@ -18,7 +18,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from fct_dist import cli, currency, datasets, evaluate, image_lake, lake
+from fct_dist import cli, currency, datasets, evaluate, image_lake, lake, ranking
 from fct_dist.datasets import folder, synthetic
 from fct_dist.models import registry
 from fct_dist.storage import open_store
@@ -200,7 +200,7 @@ def test_your_models_your_lake_the_readme_walk_end_to_end(team, capsys):
     np.fill_diagonal(dist, np.inf)
     new_fct = next(c for c in result["cases"] if (c["query"], c["gallery"]) == ("new", "fct"))
     assert new_fct["top1"] == pytest.approx(float((labels[dist.argmin(1)] == labels).mean()))
-    exact = evaluate.exact_ranking(q, labels, ids, g, labels, ids, cfg.eval.max_rank, 64)
+    exact = ranking.exact_ranking(q, labels, ids, g, labels, ids, cfg.eval.max_rank, 64)
     assert new_fct["cmc"] == pytest.approx(exact["cmc"]) and new_fct["map"] == pytest.approx(exact["map"])
 
     assert fct("backfill", "--input", f"{uri}/stored", "--output", f"{uri}/upgraded") == 0

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from fct_dist import config, evaluate, features
+from fct_dist import config, evaluate, features, ranking
 from fct_dist.models import registry
 from fct_dist.runtime import init_ray
 from fct_dist.storage import open_store
@@ -56,7 +56,7 @@ def main() -> None:
     labels = truth[1][np.searchsorted(truth[0], ids)]
 
     def rank(gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
-        r = evaluate.exact_ranking(new[q], labels[q], ids[q], gallery, labels, ids, 1, cfg.eval.block_size)
+        r = ranking.exact_ranking(new[q], labels[q], ids[q], gallery, labels, ids, 1, cfg.eval.block_size)
         return r["cmc"][0], r["map"]
 
     out = {"name": a.name, "sets": a.sets, "train_seconds": round(seconds), "new_fct_top1_map": rank(g)}
