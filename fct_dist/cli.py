@@ -46,11 +46,8 @@ def _train(stage: str):
                 extract.reextract(cfg, store, OLD, "train")
             stages.train_new(cfg, store, bct=a.bct, force=a.force)
         else:
-            from .pipeline import extract
-            if not a.features:  # h's training data: the features extracted by the current models
-                for split in ("train", "test"):
-                    extract.features(cfg, store, split)
-            stages.train_transformation(cfg, store, use_side=not a.no_side, force=a.force, features=a.features)
+            from .api import fit_transformation
+            fit_transformation(cfg, store, a.features, a.no_side, a.force)
     return run
 
 
@@ -104,16 +101,16 @@ def _search(cfg: Config, store: Store, a) -> None:
 
 
 def _evaluate(cfg: Config, store: Store, a) -> None:
-    from . import evaluate
+    from . import evaluation
     if a.features:
-        evaluate.features_matrix(cfg, store, a.features)
+        evaluation.features_matrix(cfg, store, a.features)
     else:
-        evaluate.matrix(cfg, store)
+        evaluation.matrix(cfg, store)
 
 
 def _upgrade(cfg: Config, store: Store, a) -> None:
-    from . import upgrade
-    upgrade.upgrade(cfg, store, seeds=a.seeds, force=a.force)
+    from . import runner
+    runner.upgrade(cfg, store, seeds=a.seeds, force=a.force)
 
 
 def _gc(cfg: Config, store: Store, a) -> None:

@@ -404,9 +404,10 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None) -> Config:
-    """Load `path` (or the embedded defaults), then a preset overlay, then `key=value` overrides."""
-    tree = read_yaml(path) if path else {}
+def load(path: str | Path | None = None, overrides: list[str] = (), preset: str | None = None,
+         base: "Config | None" = None) -> Config:
+    """Load `path` (or `base`, or the embedded defaults), then a preset overlay, then `key=value` overrides."""
+    tree = read_yaml(path) if path else dataclasses.asdict(base) if base else {}
     if preset:
         file = PRESETS / f"{preset}.yaml"
         if not file.exists():

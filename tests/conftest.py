@@ -63,12 +63,12 @@ def any_cfg(request):
 def trained(tmp_path_factory, ray_local):
     """`fct upgrade` with the tiny preset through three versions (old on 4 classes, new on 6, v3 on all 8),
     once per session: every artefact, lake, index and report."""
-    from fct_dist import upgrade
+    from fct_dist import runner
     cfg = make_cfg(str(tmp_path_factory.mktemp("trained") / "root"), "versions.classes=[6, null]",
                    "train.num_workers=0",  # in the driver: Ray Train itself is tested by test_train, test_jobs, the faults
                    *SESSION_EPOCHS)  # test_train checks that each model learnt, on the held-out images
     store = open_store(cfg.storage)
-    report_dir = upgrade.upgrade(cfg, store)
+    report_dir = runner.upgrade(cfg, store)
     return cfg, store, report_dir
 
 

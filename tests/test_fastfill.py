@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import currency, evaluate, features, lake, layout, losses, ranking
+from fct_dist import currency, evaluation, features, lake, layout, losses, ranking
 from fct_dist.models import registry
 from fct_dist.pipeline import refill
 from fct_dist.storage import open_store
@@ -81,10 +81,10 @@ def expected_refill(store, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     h = lake.read_lake(store, store.path("embeddings", "fct", "test"), {"id": pa.int64()}).sort_by("id")
     new = lake.read_lake(store, store.path("embeddings", "new", "test"), {"id": pa.int64()}).sort_by("id")
     ids, s = h["id"].to_numpy(), h["uncertainty"].to_numpy()
-    order = evaluate.backfill_orders(ids, lake.to_numpy(h["emb"]), lake.to_numpy(new["emb"]), s)["uncertainty"]
+    order = evaluation.backfill_orders(ids, lake.to_numpy(h["emb"]), lake.to_numpy(new["emb"]), s)["uncertainty"]
     picked = np.zeros(len(ids), bool)
     picked[order[:k]] = True
-    return ids, evaluate.mixed_gallery(lake.to_numpy(h["emb"]), lake.to_numpy(new["emb"]), order, k), picked
+    return ids, evaluation.mixed_gallery(lake.to_numpy(h["emb"]), lake.to_numpy(new["emb"]), order, k), picked
 
 
 def check_refill(store, out: str, k: int) -> None:
@@ -143,9 +143,9 @@ def test_a_killed_refill_resumes_exactly_once(ray_local, trained, local_cfg):
 
 def test_the_curve_ends_at_the_backfilled_and_the_re_extracted_gallery(trained):
     cfg, store, _ = trained
-    curve = evaluate.backfill_curve(cfg, store)
+    curve = evaluation.backfill_curve(cfg, store)
     truth = features.split_truth(store, "test")
-    (ids, new, labels), (_, h, _) = (evaluate.load_source(store, m, "test", truth) for m in ("new", "fct"))
+    (ids, new, labels), (_, h, _) = (evaluation.load_source(store, m, "test", truth) for m in ("new", "fct"))
     q = np.sort(np.random.default_rng(1).choice(len(ids), curve["queries"], replace=False))
     for f, g in ((0, h), (-1, new)):
         r = ranking.exact_ranking(new[q], labels[q], ids[q], g, labels, ids, 1, cfg.eval.block_size)

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from fct_dist import currency, evaluate, lake, ranking
+from fct_dist import currency, evaluation, lake, ranking
 from fct_dist.pipeline import index
 from fct_dist.storage import StorageError, open_store
 
@@ -83,7 +83,7 @@ def test_sharded_search_equals_one_index(ray_local, any_cfg, factory):
     m = index.build(cfg, store, "vec", "test")
     assert len(m["shards"]) == 3 and sum(s["rows"] for s in m["shards"]) == len(ids)
     assert m["factory"] == factory and m["dim"] == 16
-    assert evaluate.index_recall(cfg, store, "vec", "test") > 0.9
+    assert evaluation.index_recall(cfg, store, "vec", "test") > 0.9
     shards, _ = index.load(store, "vec", "test")
     single = faiss.deserialize_index(faiss.serialize_index(shards[0]))  # same trained quantizer
     single.reset()
@@ -139,10 +139,10 @@ def test_evaluation_asks_for_a_current_index_and_never_builds_one(ray_local, any
     ids, x = vector_lake(store)
     source = (np.sort(ids), x[np.argsort(ids)], np.zeros(len(ids), np.int64))
     with pytest.raises(lake.LakeError, match=r"gallery 'vec' has 3000 items .* no current index: build it"):
-        evaluate.case(cfg, store, "vec", "vec", {"vec": source})
+        evaluation.case(cfg, store, "vec", "vec", {"vec": source})
     assert not store.exists(store.path("index"))
     index.build(cfg, store, "vec", "test")
-    assert evaluate.case(cfg, store, "vec", "vec", {"vec": source})["method"].startswith("faiss")
+    assert evaluation.case(cfg, store, "vec", "vec", {"vec": source})["method"].startswith("faiss")
 
 
 def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local, local_cfg):
@@ -157,7 +157,7 @@ def test_evaluation_through_the_index_treats_dims_like_the_exact_path(ray_local,
     sources = {"q16": (ids[order][:200], wide[order][:200], labels[order][:200]),
                "vec": (ids[order], x[order], labels[order])}
     index.build(cfg, store, "vec", "test")
-    via_index = evaluate.case(cfg, store, "q16", "vec", sources)
+    via_index = evaluation.case(cfg, store, "q16", "vec", sources)
     q_ids, q, q_labels = sources["q16"]
     exact = ranking.exact_ranking(q, q_labels, q_ids, x[order], labels[order], ids[order], cfg.eval.max_rank, 64)
     assert via_index["method"].startswith("faiss") and via_index["dims"] == [16, 8]
@@ -182,7 +182,7 @@ def test_index_recall_streams_the_exact_neighbours_over_the_lake(ray_local, loca
     _, got = index.search_shards(shards, q, 10, 1)
     want = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)])
     assert 0.3 < want < 0.99  # an index that misses some neighbours, so the check means something
-    assert evaluate.index_recall(cfg, store, "vec", "test") == pytest.approx(want)
+    assert evaluation.index_recall(cfg, store, "vec", "test") == pytest.approx(want)
 
 
 def test_index_a_parquet_folder_someone_else_wrote_and_name_the_columns_it_has(ray_local, local_cfg, tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fct_dist import cli, currency, evaluate, layout, search
+from fct_dist import cli, currency, evaluation, layout, search
 from fct_dist.models import registry
 
 
@@ -59,7 +59,7 @@ def test_search_names_ids_not_in_the_split_and_draws_the_answers(trained, tmp_pa
 def test_report_numbers_equal_fct_evaluate(trained):
     cfg, store, report_dir = trained
     reported = {c["label"]: c for c in store.read_json(f"{report_dir}/metrics.json")["cases"]}
-    fresh = evaluate.matrix(cfg, store)
+    fresh = evaluation.matrix(cfg, store)
     for c in fresh["cases"]:
         for m in ("top1", "top5", "map"):
             assert reported[c["label"]][m] == pytest.approx(c[m], abs=1e-12)
@@ -73,8 +73,8 @@ def test_cli_reports_a_bad_config_before_any_work(tmp_path, capsys):
 
 
 def test_seeds_are_aggregated_as_mean_and_std():
-    from fct_dist import config, report, upgrade
-    cfg = upgrade.with_seed(config.load(None), 7)
+    from fct_dist import config, report, runner
+    cfg = runner.with_seed(config.load(None), 7)
     assert {s.seed for s in (cfg.train.old, cfg.train.side, cfg.train.new, cfg.train.bct, cfg.train.transformation)} == {7}
 
     def run(top1, m_ap):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import yaml
 from PIL import Image
 
-from fct_dist import cli, currency, datasets, evaluate, image_lake, lake, ranking
+from fct_dist import cli, currency, datasets, evaluation, image_lake, lake, ranking
 from fct_dist.datasets import folder, synthetic
 from fct_dist.models import registry
 from fct_dist.storage import open_store
@@ -185,7 +185,7 @@ def test_your_models_your_lake_the_readme_walk_end_to_end(team, capsys):
     h_meta = registry.read_meta(store, "fct")
     assert h_meta["dims"] == {"old": 8, "side": 6, "new": 12} and h_meta["uses_side_info"]
     assert fct("evaluate", "--features", f"{uri}/extracted") == 0
-    result = evaluate.features_matrix(cfg, store, f"{uri}/extracted")
+    result = evaluation.features_matrix(cfg, store, f"{uri}/extracted")
     assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),
                                                                      ("new", "old")]
     assert result["skipped"] == {"new / FCT (no side-info)": "there is no transformation models/fct-noside; train it on "

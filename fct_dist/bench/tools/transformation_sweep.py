@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from fct_dist import config, evaluate, features, ranking
+from fct_dist import config, evaluation, features, ranking
 from fct_dist.models import registry
 from fct_dist.runtime import init_ray
 from fct_dist.storage import open_store
@@ -62,8 +62,8 @@ def main() -> None:
     out = {"name": a.name, "sets": a.sets, "train_seconds": round(seconds), "new_fct_top1_map": rank(g)}
     q = np.sort(np.random.default_rng(1).choice(len(ids), min(cfg.eval.curve_queries or len(ids), len(ids)),
                                                 replace=False))
-    for order_name, order in evaluate.backfill_orders(ids, g, new, s).items():
-        points = [rank(evaluate.mixed_gallery(g, new, order, round(fr * len(ids))), q)
+    for order_name, order in evaluation.backfill_orders(ids, g, new, s).items():
+        points = [rank(evaluation.mixed_gallery(g, new, order, round(fr * len(ids))), q)
                   for fr in np.linspace(0, 1, cfg.eval.curve_points)]
         out[f"auc_{order_name}_top1_map"] = [float(np.mean([p[0] for p in points])), float(np.mean([p[1] for p in points]))]
     print(json.dumps(out), flush=True)

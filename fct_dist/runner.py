@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable
 
-from . import datasets, evaluate, layout, report, search
+from . import datasets, evaluation, layout, report, search
 from .config import Config
 from .layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from .models import registry
@@ -74,16 +74,16 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     for k in range(3, last + 1):
         upgrade_to(cfg, store, step, force, k)
     idx = step("index the upgraded lake", index.build, cfg, store, FCT, split)
-    for name, column in evaluate.searched_galleries(cfg, store):
+    for name, column in evaluation.searched_galleries(cfg, store):
         if name != FCT:
             step(f"index the {name} gallery (too large for exact ranking)", index.build, cfg, store, name, split, column)
-    evaluation = step("evaluate: the compatibility matrix and index recall", evaluate.matrix, cfg, store)
-    for target, served in evaluation.get("upgrades", {}).items():
+    result = step("evaluate: the compatibility matrix and index recall", evaluation.matrix, cfg, store)
+    for target, served in result.get("upgrades", {}).items():
         step(f"index the {target} gallery ({served['strategy']}: {served['why']})", index.build, cfg, store,
              served["lake"], split)
     models = MODELS + tuple(m for k in range(3, last + 1) for m in (layout.version(k), layout.chained(k), layout.direct(k)))
     return {"steps": step.order, "timings": step.timings, "models": {m: registry.read_meta(store, m) for m in models},
-            "index": idx, "evaluation": evaluation}
+            "index": idx, "evaluation": result}
 
 
 def upgrade_to(cfg: Config, store: Store, step: Steps, force: bool, k: int) -> None:
