@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from . import layout
-from .evaluate import LABELS, better, format_table, gap_closed, strategies, strategy_gaps
+from .evaluation import LABELS, better, format_table, gap_closed, strategies, strategy_gaps
 from .layout import FCT, FCT_NOSIDE, STORED
 from .runtime import machine
 from .storage import Store
