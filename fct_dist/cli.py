@@ -188,7 +188,8 @@ def _data_and_models(cmd: Command) -> None:
         if stage == "h":
             s.add_argument("--no-side", action="store_true", help="the ablation without side-info")
             s.add_argument("--features", metavar="URI", help="train on this features lake (URI/train, URI/test: id, "
-                           "old, side, new vectors named by `columns`) instead of extracting fct's own")
+                           "old, side, new vectors named by `columns`; or iceberg://NS.NAME: tables NAME_train, NAME_test) instead of "
+                           "extracting fct's own")
     s = cmd("import-model", _import_model, "register an exported model (.pt2) and its model card as an artefact")
     s.add_argument("--name", required=True, help="artefact name (old, side, new: what the stages use)")
     s.add_argument("--file", required=True, metavar="URI", help="the torch.export program (.pt2, batch dim dynamic)")
@@ -203,28 +204,32 @@ def _lakes(cmd: Command) -> None:
     s.add_argument("--split", default="test", help="the image lake's split")
     s.add_argument("--name", help="output lake name (default: the model names)")
     s.add_argument("--input", metavar="URI", help="image lake to read instead of images/SPLIT: Parquet with the "
-                   "columns.id and columns.image columns, or a folder of images named by id (000123.jpg)")
-    s.add_argument("--output", metavar="URI", help="embedding lake to write (default: embeddings/NAME/SPLIT)")
+                   "columns.id and columns.image columns, an Iceberg table (iceberg://NS.TABLE[@SNAPSHOT]), or a folder of "
+                   "images named by id (000123.jpg)")
+    s.add_argument("--output", metavar="URI", help="embedding lake to write, or an Iceberg table (iceberg://NS.TABLE, "
+                   "one commit) (default: embeddings/NAME/SPLIT)")
     s.add_argument("--carry", action="append", default=[], metavar="COLUMN", help="a column of the --input lake to "
                    "copy into the output (a URL, a product id; its columns.label is always copied); repeat")
     s = cmd("backfill", _backfill, "stored (old, side) lake -> h -> new lake, no image read")
     s.add_argument("--model", default="fct", help="transformation artefact (fct or fct-noside)")
     s.add_argument("--split", default="test", help="the stored lake's split")
-    s.add_argument("--input", metavar="URI", help="stored lake (default: embeddings/stored/SPLIT under storage.root)")
+    s.add_argument("--input", metavar="URI", help="stored lake, or an Iceberg table iceberg://NS.TABLE[@SNAPSHOT] "
+                   "(default: embeddings/stored/SPLIT under storage.root)")
     s.add_argument("--output", metavar="URI", help="new lake (default: embeddings/MODEL/SPLIT under storage.root; "
-                   "rejected rows then go to URI.rejected)")
+                   "rejected rows then go to URI.rejected), or an Iceberg table iceberg://NS.TABLE (one commit)")
     s = cmd("refill", _refill, "re-extract the budget of the backfilled gallery h is least sure of (FastFill)")
     s.add_argument("--budget", type=float, metavar="F", help="fraction of the gallery to re-extract, 0..1 "
                    "(default: refill.budget)")
     s.add_argument("--split", default="test", help="the gallery's split")
-    s.add_argument("--input", metavar="URI", help="backfilled gallery with an uncertainty column (default: "
+    s.add_argument("--input", metavar="URI", help="backfilled gallery with an uncertainty column, or its Iceberg table (default: "
                    "embeddings/fct/SPLIT under storage.root)")
     s.add_argument("--output", metavar="URI", help="gallery lake to write (default: embeddings/refill/SPLIT)")
     s = cmd("index", _index, "build a sharded FAISS index from an embedding lake")
     s.add_argument("--lake", default="fct", help="the embedding lake under storage.root/embeddings")
     s.add_argument("--split", default="test", help="its split")
     s.add_argument("--column", default="emb", help="the vector column")
-    s.add_argument("--input", metavar="URI", help="an embedding lake written by fct (e.g. a backfill --output)")
+    s.add_argument("--input", metavar="URI", help="an embedding lake (e.g. a backfill --output; a Parquet folder, "
+                   "or an Iceberg table iceberg://NS.TABLE[@SNAPSHOT])")
     s.add_argument("--output", metavar="URI", help="where the index goes (default: INPUT.index)")
     s = cmd("search", _search, "top-k search of the sharded index")
     s.add_argument("--lake", default="fct", help="the indexed lake under storage.root/embeddings")
@@ -241,7 +246,8 @@ def _lakes(cmd: Command) -> None:
 def _runs(cmd: Command) -> None:
     """evaluate, the whole upgrade, gc, bench."""
     s = cmd("evaluate", _evaluate, "the compatibility matrix (CMC top-k, mAP)")
-    s.add_argument("--features", metavar="URI", help="evaluate on this features lake's test split (needs columns.label)")
+    s.add_argument("--features", metavar="URI", help="evaluate on this features lake's test split (needs columns.label; "
+                   "iceberg://NS.NAME: table NAME_test)")
     s = cmd("upgrade", _upgrade, "every stage in order, then the report")
     s.add_argument("--seeds", type=positive, default=1, help="repeat the training stages with N seeds (N >= 1)")
     s.add_argument("--force", action="store_true", help="refill the image lake and retrain every model (the "

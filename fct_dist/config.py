@@ -267,6 +267,12 @@ class Bench:
 
 
 @dataclass
+class Tables:
+    catalog: str = "fct"
+    properties: dict = field(default_factory=dict)
+
+
+@dataclass
 class RayCfg:
     address: str = "local"
     num_cpus: Optional[float] = num(None, 1, 1 << 20)
@@ -287,6 +293,7 @@ class Config:
     refill: Refill = sub(Refill)
     versions: Versions = sub(Versions)
     bench: Bench = sub(Bench)
+    tables: Tables = sub(Tables)
     ray: RayCfg = sub(RayCfg)
 
     def to_dict(self) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import currency, lake, layout
+from . import currency, lake, layout, tables
 from .config import Columns, Config
 from .currency import digest
 from .lake import LakeError
@@ -44,7 +44,9 @@ def open_lake(cfg: Config, store: Store, uri: str | None = None, name: str = FEA
                 raise LakeError(f"{store.uri(d)}: no finished feature lake; extract it first (fct extract --model old "
                                 f"--model side --model new --name {name} --split {split})")
     else:
-        dirs, cols = [f"{store.resolve(uri)}/{s}" for s in layout.SPLITS], cfg.columns
+        dirs = [tables.locate(cfg, store, f"{uri}_{s}") if tables.is_table(uri) else f"{store.resolve(uri)}/{s}"
+                for s in layout.SPLITS]  # a table per split: NAME_train, NAME_test
+        cols = cfg.columns
     roles = dict(roles or {"old": cols.old, "side": cols.side, "new": cols.new})
     dims = {r: d for r, d in zip(roles, lake.column_dims(store, dirs[0], roles.values()).values())}
     for role in ("old", "new"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -30,6 +31,7 @@ from .currency import digest
 from .storage import Store, StorageError, is_storage_fault
 
 META_KEY = b"fct"
+PINNED = "table-snapshot"  # the manifest kind of a pinned Iceberg snapshot (tables.pin)
 # Vectors read from a lake are zero-copy views of Arrow's read-only buffers, and fct only reads the tensors
 # made from them (h, training, search): torch's warning about non-writable arrays is noise to a user
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -269,9 +271,21 @@ def read_part(store: Store, path: str, expected: dict[str, pa.DataType | int],
 
 
 def listed_paths(store: Store, directory: str) -> list[str]:
-    """The paths of the files the lake's manifest lists (its current snapshot); [] without such a list."""
-    listed = currency.manifest(store, directory).get("files") if currency.has_manifest(store, directory) else None
+    """The paths of the files the lake's manifest lists (its current snapshot, or the data files of the
+    Iceberg snapshot a pin records: `tables.pin`); [] without such a list."""
+    m = currency.manifest(store, directory) if currency.has_manifest(store, directory) else {}
+    if m.get("kind") == PINNED:
+        return list(m["paths"])
+    listed = m.get("files")
     return [f"{directory}/{n}" for n in snapshots.names(listed)] if isinstance(listed, list) else []
+
+
+def pinned(store: Store, directory: str) -> str | None:
+    """iceberg://table@snapshot when `directory` is the pin of a table's snapshot, else None."""
+    if not currency.has_manifest(store, directory):
+        return None
+    m = currency.manifest(store, directory)
+    return m["table"] if m.get("kind") == PINNED else None
 
 
 def parts(store: Store, directory: str) -> list[str]:
@@ -290,16 +304,24 @@ def parts(store: Store, directory: str) -> list[str]:
 def file_versions(store: Store, directory: str) -> list[tuple[str, int, str]]:
     """(path, size, version) of each of the lake's Parquet files (see `parts`); a file its manifest lists
     that is gone is an error naming it."""
-    found = store.list_versions(directory, ".parquet", recursive=True)
     want = listed_paths(store, directory)
     if not want:
-        return found
-    by_path = {p: (p, size, version) for p, size, version in found}
+        return store.list_versions(directory, ".parquet", recursive=True)
+    by_path = versions_of(store, want)
     missing = [p for p in want if p not in by_path]
     if missing:
         raise LakeError(f"{store.uri(missing[0])}: listed in the lake's manifest but missing ({len(missing)} such "
                         "files): the lake is damaged; rerun the stage that wrote it")
     return [by_path[p] for p in want]
+
+
+def versions_of(store: Store, paths: list[str]) -> dict[str, tuple[str, int, str]]:
+    """{path: (path, size, version)} of those of `paths` that exist, one listing per folder they are in."""
+    folders = sorted({p.rsplit("/", 1)[0] for p in paths})
+    with ThreadPoolExecutor(16) as pool:
+        listed = pool.map(lambda d: store.list_versions(d, ".parquet"), folders)
+    want = set(paths)
+    return {p: (p, size, version) for found in listed for p, size, version in found if p in want}
 
 
 def read_lake(store: Store, directory: str, expected: dict[str, pa.DataType | int],

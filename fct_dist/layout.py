@@ -9,6 +9,8 @@
       models/{name}/                 model.pt + meta.json (the artefact's manifest)
       checkpoints/                   Ray Train's run folders
       reports/{run}/                 upgrade, bench and chaos reports
+      tables/{table}/{snapshot}/     _manifest.json: an Iceberg snapshot a run read, pinned (its data files)
+      iceberg/                       the embedded Iceberg catalog (catalog.db, sqlite) and its warehouse
 
 Stages meet only here: each one's inputs and outputs are these functions' paths (or URIs a user
 passes instead). An embedding lake made by one model is named after it (`embeddings/fct/test`).
@@ -76,3 +78,13 @@ def checkpoints(store: Store) -> str:
 
 def report(store: Store, run: str) -> str:
     return store.path("reports", run)
+
+
+def pin(store: Store, table: str, snapshot: int) -> str:
+    """The record of one Iceberg snapshot a stage read: its data files, as a lake's file list."""
+    return store.path("tables", table, str(snapshot))
+
+
+def iceberg(store: Store) -> str:
+    """The embedded Iceberg catalog's folder: catalog.db (sqlite, local roots) and warehouse/."""
+    return store.path("iceberg")

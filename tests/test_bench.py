@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fct_dist import currency, lake
+from fct_dist import currency, lake, tables
 from fct_dist.bench import fixtures, profiles as bench
 from fct_dist.config import Projection
 from fct_dist.bench.projection import project
@@ -70,6 +70,18 @@ def test_bench_counts_ids_and_ratios(ray_local, local_cfg):
     storage_h = pc.items * row["bytes_per_item"] * 8 / (pc.storage_gbps * 1e9) / 3600
     assert row["wall_hours"] == pytest.approx(max(compute_h, storage_h), abs=1e-3)
     assert row["gpu_hours"] == pytest.approx(pc.gpus[0] * row["wall_hours"], rel=0.01)
+    # the Iceberg path: the same rows and vectors as the folder's, committed as one snapshot of the output table
+    ib, sub = r["iceberg"], bench.profile_store(store, profiles["production"])
+    assert ib["table"]["rows"] == ib["folder"]["rows"] == cfg.bench.rows
+    t = tables.catalog(cfg, sub).load_table(f"bench.fct_{split}")
+    got = t.scan().to_arrow().sort_by("id")
+    ids, want = read_output(sub, sub.path("embeddings", "fct-folder", split))
+    np.testing.assert_array_equal(got["id"].to_numpy(), ids)
+    np.testing.assert_allclose(np.stack(got["emb"].to_numpy(zero_copy_only=False)), want, atol=1e-6)
+    assert len(t.snapshots()) == 1
+    assert goals["iceberg"] == pytest.approx(1 / (1 + ib["table_cost_end_to_end"]), abs=1e-3)
+    assert ib["table_cost_end_to_end"] == pytest.approx(
+        ib["table"]["end_to_end_seconds"] / ib["folder"]["end_to_end_seconds"] - 1, abs=1e-3)
     for artefact in ("bench.md", "bench.json", "throughput.png", "scaling.png"):
         assert store.exists(f"{r['report_dir']}/{artefact}")
     assert "| production | re-extraction |" in store.read_bytes(f"{r['report_dir']}/bench.md").decode()

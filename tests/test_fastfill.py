@@ -12,9 +12,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_dist import currency, evaluation, features, lake, layout, losses, ranking
+from fct_dist import currency, evaluation, features, lake, layout, losses, ranking, tables
 from fct_dist.models import registry
-from fct_dist.pipeline import refill
+from fct_dist.pipeline import backfill, refill
 from fct_dist.storage import open_store
 
 from .support import copy_tree
@@ -189,3 +189,19 @@ def test_labels_map_ids_to_the_classifiers_classes_and_name_what_is_missing(loca
     with pytest.raises(lake.LakeError, match=r"id 1 has label 7, a class the new model's classifier does not have"):
         narrow.targets(store, np.array([3, 1]))
     assert dataclasses.replace(narrow, ignore_unknown=True).targets(store, np.array([3, 1, 9])).tolist() == [0, -100, 1]
+
+
+def test_refill_reads_and_writes_iceberg_tables(ray_local, trained, local_cfg):
+    """The backfilled gallery as an Iceberg table, refilled into another: the rows the Parquet refill gives."""
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    for part in (("models",), ("images",), ("embeddings", "stored"), ("embeddings", "fct"), ("embeddings", "new")):
+        copy_tree(trained[1], store, *part)
+    backfill.backfill(cfg, store, output="iceberg://ns.gallery")
+    m = refill.refill(cfg, store, 0.3, input="iceberg://ns.gallery", output="iceberg://ns.refilled")
+    k = round(0.3 * m["rows"])
+    got = tables.catalog(cfg, store).load_table("ns.refilled").scan().to_arrow().sort_by("id")
+    ids, want, picked = expected_refill(store, k)
+    np.testing.assert_array_equal(got["id"].to_numpy(), ids)
+    np.testing.assert_array_equal(got["reextracted"].to_numpy(), picked)
+    np.testing.assert_allclose(np.stack(got["emb"].to_numpy(zero_copy_only=False)), want, atol=1e-5)

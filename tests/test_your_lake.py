@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import yaml
 from PIL import Image
+from pyiceberg.catalog import load_catalog
 
 from fct_dist import cli, currency, datasets, evaluation, image_lake, lake, ranking
 from fct_dist.datasets import folder, synthetic
@@ -219,6 +220,53 @@ def test_your_models_your_lake_the_readme_walk_end_to_end(team, capsys):
     assert fct("search", "--index", f"{uri}/upgraded.index", "--vectors", str(queries), "--k", "1") == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[1].split("(")[0] for line in printed] == [str(i) for i in ids[:3]]  # each finds its own id
+
+
+def test_your_lake_as_iceberg_tables_the_readme_walk(team, tmp_path, capsys, caplog):
+    """The README's "Your lake is an Iceberg table": the team's images and stored lake as tables (written by plain
+    pyiceberg, warehouse on S3, catalog on a local sqlite file); extract into tables, h from the table pair, its
+    evaluation, the backfill into a table, its index and a search, with vectors checked against the team's own."""
+    fct, uri, store = team["fct"], team["uri"], team["store"]
+    catalog = ["--set", f"tables.properties.uri=sqlite:///{tmp_path}/catalog.db"]
+    cat = load_catalog("fct", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"{uri}/warehouse",
+                       **{"s3.endpoint": team["cfg"].storage.s3_endpoint})
+    cat.create_namespace("team")
+    for split in ("train", "test"):
+        t = lake.read_lake(store, store.resolve(f"{uri}/images/{split}"), {"item_id": pa.int64()}, id_col="item_id")
+        cat.create_table(f"team.images_{split}", schema=t.schema).append(t)
+    cat.create_table("team.stored", schema=team["stored"].schema).append(team["stored"])
+    for name in ("old", "side", "new"):
+        assert fct("import-model", "--name", name, "--file", str(team["local"] / f"{name}.pt2")) == 0
+    for split in ("train", "test"):
+        assert fct("extract", "--model", "emb_v1=old", "--model", "side_v1=side", "--model", "emb_v2=new", *catalog,
+                   "--input", f"iceberg://team.images_{split}", "--output", f"iceberg://team.features_{split}") == 0
+        a = cat.load_table(f"team.features_{split}").scan().to_arrow().sort_by("item_id")
+        ids, images, labels = team["data"][split]
+        np.testing.assert_array_equal(a["item_id"].to_numpy(), ids)
+        assert a["category"].to_pylist() == labels.tolist()
+        for c, role in (("emb_v1", "old"), ("side_v1", "side"), ("emb_v2", "new")):  # read back as list<float>
+            np.testing.assert_allclose(np.stack(a[c].to_numpy(zero_copy_only=False)), embed(team["models"][role], images),
+                                       atol=1e-5, err_msg=c)
+    assert fct("train-transformation", "--features", "iceberg://team.features", *catalog, *IN_DRIVER) == 0
+    caplog.clear()
+    assert fct("evaluate", "--features", "iceberg://team.features", *catalog) == 0
+    assert "| new / FCT (with side-info) |" in caplog.text and "skipped new / FCT (with side-info)" not in caplog.text
+    assert fct("backfill", "--input", "iceberg://team.stored", "--output", "iceberg://team.gallery_v2", *catalog) == 0
+    out = cat.load_table("team.gallery_v2").scan().to_arrow().sort_by("item_id")
+    h, _ = registry.load(store, "fct")
+    stored = team["stored"].sort_by("item_id")
+    with torch.no_grad():
+        want = h(*(torch.tensor(np.stack(stored[c].to_pylist()), dtype=torch.float32) for c in ("emb_v1", "side_v1")))
+    np.testing.assert_array_equal(out["item_id"].to_numpy(), stored["item_id"].to_numpy())
+    np.testing.assert_allclose(np.stack(out["emb_v2"].to_numpy(zero_copy_only=False)), want.numpy(), atol=1e-5)
+    assert fct("index", "--input", "iceberg://team.gallery_v2", "--column", "emb_v2", "--output", f"{uri}/gallery.index",
+               *catalog) == 0
+    queries = team["local"] / "queries.npy"
+    np.save(queries, want.numpy()[:3])
+    capsys.readouterr()
+    assert fct("search", "--index", f"{uri}/gallery.index", "--vectors", str(queries), "--k", "1") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[1].split("(")[0] for line in printed] == [str(i) for i in stored["item_id"].to_pylist()[:3]]
 
 
 def test_evaluate_without_labels_fails_with_the_fix_and_names_a_case_it_cannot_compute(team, caplog):

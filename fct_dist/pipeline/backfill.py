@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import lake, layout
+from .. import lake, layout, tables
 from ..config import Columns, Config
 from ..currency import digest
 from ..lake import LakeError
@@ -63,14 +63,14 @@ def backfill_job(cfg: Config, store: Store, h_name: str = FCT, split: str = "tes
                  output: str | None = None) -> FileJob:
     """The backfill of a stored lake (default embeddings/stored/{split}) by models/{h_name} into a new
     lake (default embeddings/{h_name}/{split}); `input` / `output` are URIs or paths on the store's
-    storage, read and written with the `columns` names. A no-side transformation reads no side column.
+    storage, or Iceberg tables (iceberg://namespace.table: see `tables`), read and written with the `columns` names. A no-side transformation reads no side column.
     The output column records its lineage: the embedding space it is in (the version h was trained
     towards) and its input columns' entries as the input lake records them (an input that was itself
     backfilled carries its own). Verified: a tampered or mismatching artefact, or an input column in
     another embedding space than h was trained on, fails here, before any worker starts."""
     cols = cfg.columns
-    in_dir = store.resolve(input) if input else layout.embeddings(store, STORED, split)
-    out_dir = store.resolve(output) if output else layout.embeddings(store, h_name, split)
+    in_dir = tables.locate(cfg, store, input) if input else layout.embeddings(store, STORED, split)
+    out_dir = "" if tables.is_table(output) else store.resolve(output) if output else layout.embeddings(store, h_name, split)
     _, meta = registry.load(store, h_name)
     if meta.get("kind") != "transformation":
         raise LakeError(f"models/{h_name} is a {meta.get('kind')}, not a transformation")
@@ -121,4 +121,5 @@ def input_lineage(store: Store, in_dir: str, keep: list[str]) -> tuple[dict, dic
 def backfill(cfg: Config, store: Store, h_name: str = FCT, split: str = "test", input: str | None = None,
              output: str | None = None) -> dict:
     """Apply models/{h_name} to every row of the stored lake; writes the new lake (see backfill_job)."""
-    return filemap.run(backfill_job(cfg, store, h_name, split, input, output), distribute.of(cfg, cfg.backfill))
+    return filemap.run_into(cfg, backfill_job(cfg, store, h_name, split, input, output), distribute.of(cfg, cfg.backfill),
+                            output)

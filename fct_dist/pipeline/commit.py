@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import snapshots
+from .. import lake, snapshots
 from ..lease import Lease
 from .filejob import FileJob, Input, InputChanged
 
@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def check_unchanged(job: FileJob, inputs: list[Input]) -> None:
-    """Every input is still the version the run started from (one listing): else nothing is committed."""
-    now = {p: (size, version) for p, size, version in job.store.list_versions(job.in_dir, ".parquet", recursive=True)}
+    """Every input is still the version the run started from (one listing per folder): else nothing is committed."""
+    now = {p: (size, version) for p, size, version in lake.versions_of(job.store, [i.path for i in inputs]).values()}
     for i in inputs:
         if now.get(i.path) != (i.size, i.version):
             raise InputChanged(f"{job.store.uri(i.path)} changed or disappeared while this run was using it; "
@@ -48,7 +48,7 @@ def commit(job: FileJob, lease: Lease, at: snapshots.Base, results: list[dict], 
         "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
         "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
     manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint,
-                "producer": job.producer, "source": store.uri(job.in_dir),
+                "producer": job.producer, "source": lake.pinned(store, job.in_dir) or store.uri(job.in_dir),
                 "files": snapshots.file_entries(store, job.out_dir, [r["output"] for r in results]),
                 "rejected_files": sorted(f for r in results for f in r["rejected_files"]),
                 "per_file": results, "rows": total["rows_out"], "summary": summary, "writer": lease.run_id,

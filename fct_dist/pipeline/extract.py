@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .. import image_lake, lake, layout
+from .. import image_lake, lake, layout, tables
 from ..config import Columns, Config
 from ..currency import digest
 from ..datasets import folder
@@ -70,8 +70,8 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
     `columns.image` columns, or a folder of images named by id, packed first into OUTPUT.images) into
     `output` (URIs). The artefacts are verified here, before any worker starts."""
     cols = cfg.columns if input else Columns()
-    out_dir = store.resolve(output) if output else layout.embeddings(store, out_name, split)
-    in_dir = store.resolve(input) if input else layout.images(store, split)
+    out_dir = "" if tables.is_table(output) else store.resolve(output) if output else layout.embeddings(store, out_name, split)
+    in_dir = tables.locate(cfg, store, input) if input else layout.images(store, split)
     if input and folder.is_image_folder(store, in_dir):
         in_dir = f"{out_dir}.images"
         folder.pack(store, store.resolve(input), in_dir, cfg.data.rows_per_file, cols.id, cols.image)
@@ -114,7 +114,8 @@ def carried_columns(store: Store, in_dir: str, cols: Columns, named: list[str], 
 def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
             input: str | None = None, output: str | None = None) -> dict:
     """Embed an image lake with `models` ({output column: artefact name}); see extract_job."""
-    return filemap.run(extract_job(cfg, store, split, models, out_name, input, output), distribute.of(cfg, cfg.extract))
+    return filemap.run_into(cfg, extract_job(cfg, store, split, models, out_name, input, output),
+                            distribute.of(cfg, cfg.extract), output)
 
 
 def stored(cfg: Config, store: Store, split: str = "test") -> dict:

@@ -3,6 +3,7 @@ file's task (`Task`), and the batch function's contract (`BatchFn`). The rooms (
 and the distributors meet here."""
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import Actors
+from ..lake import META_KEY
 from ..storage import Store, StorageError
 
 KEY = b"fct.key"  # an output file's footer: the key it was made for
@@ -83,6 +85,11 @@ class Task:
     exclude: np.ndarray  # sorted ids of this file kept from another file (their first valid copy is there)
     run_id: str = ""  # the run that maps it (names its files)
     attempts: int = 0  # workers lost while mapping it
+
+def output_schema(job: FileJob) -> pa.Schema:
+    """What every output file of `job` holds: the id, then each produced column, and the producers as metadata."""
+    fields = [pa.field(job.id_col, pa.int64())] + [pa.field(c, column_type(p)) for c, p in job.producer.items()]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(job.producer, sort_keys=True)})
 
 def invalid_rows(fn: BatchFn, table: pa.Table) -> np.ndarray:
     """The batch function's verdict on each row of a non-empty `table` (True: the row is bad input)."""

@@ -36,7 +36,8 @@ import logging
 import time
 from typing import Protocol
 
-from .. import snapshots
+from .. import lake, snapshots, tables
+from ..config import Config
 from ..currency import digest
 from ..lease import Lease
 from . import commit, plan
@@ -57,7 +58,8 @@ def run(job: FileJob, distributor: Distributor) -> dict:
     with Lease(store, job.out_dir, job.actors.lease_seconds, f"fct {job.name}") as lease:
         at = snapshots.base(store, job.out_dir)
         inputs = plan.scan(job)
-        job_key = digest(job.fingerprint, [i.identity() for i in inputs])
+        pinned = lake.pinned(store, job.in_dir)  # an Iceberg snapshot: its id is part of the job
+        job_key = digest(job.fingerprint, [i.identity() for i in inputs], *([pinned] if pinned else []))
         if at.manifest and at.manifest.get("key") == job_key:
             damage = snapshots.verify(store, job.out_dir, at.manifest)
             if not damage:
@@ -77,3 +79,10 @@ def run(job: FileJob, distributor: Distributor) -> dict:
         lease.renew()  # a run whose lease was taken over in the meantime leaves the folder to its new holder
         snapshots.gc(store, job.out_dir, job.rejected_dir, job.actors.gc_grace_seconds, lease.run_id)
         return manifest
+
+
+def run_into(cfg: Config, job: FileJob, distributor: Distributor, output: str | None) -> dict:
+    """`run`; when `output` names an Iceberg table, into that table as one snapshot (`tables.publish`)."""
+    if tables.is_table(output):
+        return tables.publish(cfg, job.store, output, job, lambda j: run(j, distributor))
+    return run(job, distributor)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from .. import currency, lake, layout
+from .. import currency, lake, layout, tables
 from ..config import Config
 from ..currency import digest
 from ..lake import LakeError
@@ -142,12 +142,13 @@ def sample_vectors(store: Store, files: list[str], column: str, d: int, n: int, 
 
 def source_of(store: Store, src: str, column: str, plain: bool = False) -> dict:
     """What the index needs of a lake (its key, rows and the column's dim): an fct lake's manifest; with
-    `plain`, for a Parquet folder someone else wrote (ids + a vector column), the same read from its
-    files. A column that is not a vector column of the lake is an error listing those that are."""
-    if plain and not currency.has_manifest(store, src):
+    `plain`, for a Parquet folder someone else wrote (ids + a vector column) or an Iceberg table, the same
+    read from its files. A column that is not a vector column of the lake is an error listing those that are."""
+    table = lake.pinned(store, src) is not None  # an Iceberg snapshot's files: read like a plain folder
+    if plain and (table or not currency.has_manifest(store, src)):
         files = lake.parts(store, src)
         schema = lake.read_schema(store, files[0])
-        if lake.producer_of(schema):
+        if lake.producer_of(schema) and not table:
             currency.manifest(store, src)  # fct's own files without a manifest: an unfinished lake, refused
         vector_columns = [f.name for f in schema if lake.vector_dim(f.type) is not None]
         source = None
@@ -183,7 +184,7 @@ def build(cfg: Config, store: Store, name: str, split: str = "test", column: str
     """Index embeddings/{name}/{split} column `column` into index/{name}/{split}/shard-*.faiss + manifest;
     or the lake at the URI `input` (fct's, or any Parquet folder with ids in `columns.id` and the vector
     column) into `output` (default INPUT.index)."""
-    src = store.resolve(input) if input else layout.embeddings(store, name, split)
+    src = tables.locate(cfg, store, input) if input else layout.embeddings(store, name, split)
     out = store.resolve(output) if output else f"{src}.index" if input else layout.index(store, name, split, column)
     id_col = cfg.columns.id if input else "id"
     source = source_of(store, src, column, plain=bool(input))

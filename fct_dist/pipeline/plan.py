@@ -31,7 +31,8 @@ def scan(job: FileJob) -> list[Input]:
         raise LakeError(f"{store.uri(job.in_dir)}: no Parquet files (empty lake)")
 
     def one(entry: tuple[str, int, str]) -> Input:
-        base = Input(*entry, name=snapshots.relative(job.in_dir, entry[0]))
+        inside = entry[0].startswith(job.in_dir.rstrip("/") + "/")  # a pinned table's files lie elsewhere
+        base = Input(*entry, name=snapshots.relative(job.in_dir, entry[0]) if inside else entry[0].rsplit("/", 1)[1])
         where = store.uri(base.path)
         try:
             f = lake.read_footer(store, base.path)

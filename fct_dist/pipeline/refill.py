@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .. import currency, lake, layout
+from .. import currency, lake, layout, tables
 from ..config import Columns, Config
 from ..currency import digest
 from ..lake import LakeError
@@ -164,9 +164,13 @@ def refill_job(cfg: Config, store: Store, budget: float, split: str = "test", in
     cols = cfg.columns if input else Columns()
     if not 0.0 <= budget <= 1.0:
         raise LakeError(f"budget {budget}: expected a fraction of the gallery between 0 and 1")
-    in_dir = store.resolve(input) if input else layout.embeddings(store, FCT, split)
-    out_dir = store.resolve(output) if output else layout.embeddings(store, REFILL, split)
+    in_dir = tables.locate(cfg, store, input) if input else layout.embeddings(store, FCT, split)
+    out_dir = "" if tables.is_table(output) else store.resolve(output) if output else layout.embeddings(store, REFILL, split)
     manifest = currency.manifest(store, in_dir)  # a finished lake only: a half-written gallery is never refilled
+    if lake.pinned(store, in_dir):  # a table of fct's output: its files say what made them
+        files = lake.parts(store, in_dir)
+        manifest = {"producer": lake.producer_of(lake.read_schema(store, files[0])),
+                    "rows": sum(lake.read_footer(store, f).metadata.num_rows for f in files)}
     prod = manifest.get("producer", {})
     if cols.uncertainty not in prod:
         raise LakeError(f"{store.uri(in_dir)}: no {cols.uncertainty!r} column: it was backfilled by a transformation "
@@ -202,4 +206,4 @@ def refill(cfg: Config, store: Store, budget: float | None = None, split: str = 
            output: str | None = None) -> dict:
     """Re-extract the `budget` (default refill.budget) most uncertain rows of the gallery; see refill_job."""
     job = refill_job(cfg, store, cfg.refill.budget if budget is None else budget, split, input, output)
-    return filemap.run(job, distribute.of(cfg, cfg.extract))
+    return filemap.run_into(cfg, job, distribute.of(cfg, cfg.extract), output)

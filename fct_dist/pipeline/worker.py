@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from .. import lake
 from ..lake import LakeError
 from ..storage import Store, StorageError, is_storage_fault
-from .filejob import KEY, STATS, FileJob, InputChanged, Task, column_type, invalid_rows
+from .filejob import KEY, STATS, FileJob, InputChanged, Task, invalid_rows, output_schema
 
 log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 65_536  # output rows per Parquet row group
@@ -189,7 +189,7 @@ class FileWorker:
                                 f"set {job.name}.on_bad_input=quarantine to move such rows to rejected/")
             if repeated.any():  # keep each id's first valid copy, not merely its first
                 repeated = self._repeats(pf, ids_all, elsewhere)
-            writer = OutputWriter(job.store, f"{job.out_dir}/{out_name}.parquet", self._out_schema(), job.id_col)
+            writer = OutputWriter(job.store, f"{job.out_dir}/{out_name}.parquet", output_schema(job), job.id_col)
             rejected, rows_in, trues = [], 0, {}
             try:
                 with contextlib.closing(Prefetch(pf.iter_batches(job.actors.batch_size, columns=job.columns))) as batches:
@@ -233,12 +233,6 @@ class FileWorker:
         with self.compute:
             invalid[rows] = invalid_rows(self.fn, table)
         return lake.repeats(ids, invalid) & ~elsewhere
-
-
-    def _out_schema(self) -> pa.Schema:
-        job = self.job
-        fields = [pa.field(job.id_col, pa.int64())] + [pa.field(c, column_type(p)) for c, p in job.producer.items()]
-        return pa.schema(fields, metadata={lake.META_KEY: json.dumps(job.producer, sort_keys=True)})
 
     def _map_batch(self, rb: pa.RecordBatch, where: str, repeated: np.ndarray,
                    elsewhere: np.ndarray) -> tuple[pa.Table, pa.Table | None]:
@@ -286,9 +280,8 @@ def quarantine(job: FileJob, task: Task, reason: str, t0: float | None = None) -
         reason = f"{reason} (row count unknown: the footer is unreadable)"
     stats = {"input": inp.identity(), "rows_in": inp.rows, "rows_out": 0, "rows_rejected": inp.rows,
              "bytes_in": inp.size, "quarantined": reason, "rejected_files": [copy, why], "worker": worker()}
-    empty = pa.table({job.id_col: pa.array([], pa.int64())} | {
-        c: pa.array([], column_type(p)) for c, p in job.producer.items()})
-    meta = {KEY: task.key, STATS: json.dumps(stats), lake.META_KEY: json.dumps(job.producer, sort_keys=True)}
-    nbytes = lake.write_part(job.store, f"{job.out_dir}/{name}.parquet", empty.replace_schema_metadata(meta))
+    schema = output_schema(job)
+    empty = schema.empty_table().replace_schema_metadata(schema.metadata | {KEY: task.key, STATS: json.dumps(stats)})
+    nbytes = lake.write_part(job.store, f"{job.out_dir}/{name}.parquet", empty)
     log.warning("[%s] quarantined %s: %s", job.name, store.uri(inp.path), reason)
     return stats | {"output": f"{name}.parquet", "bytes_out": nbytes, "seconds": time.time() - (t0 or time.time())}
