@@ -25,6 +25,9 @@ def setup_logging(level: int) -> None:
     ours.setLevel(level)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
+    # fct writes column statistics on the id only (vectors' min/max help no query): pyiceberg warns of that
+    # for every vector column of every file it registers
+    logging.getLogger("pyiceberg.io.pyarrow").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
 
 
 def verbose() -> bool:

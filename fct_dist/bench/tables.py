@@ -20,7 +20,7 @@ from ..storage import Store, open_store
 from .fixtures import profiles, save_models, stored_lake
 from .measure import measured, median_run
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fct_dist.bench.tables")  # also when run as __main__
 
 
 def stored_table(cfg: Config, store: Store, split: str) -> str:
@@ -93,6 +93,7 @@ def main() -> None:
     stored_lake(store, p.dims, a.rows, cfg.bench.rows_per_file)
     init_ray(cfg)
     r = compare(cfg, store, f"n{a.rows}")
+    store.write_json(store.path("iceberg-vs-folder.json"), r)
     log.info(f"table path costs {100 * r['table_cost_steady']:+.1f} % steady, {100 * r['table_cost_end_to_end']:+.1f} % "
           f"end to end ({r['table']['end_to_end_seconds']} s vs {r['folder']['end_to_end_seconds']} s)")
 
