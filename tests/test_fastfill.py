@@ -193,7 +193,7 @@ def test_labels_map_ids_to_the_classifiers_classes_and_name_what_is_missing(loca
 
 def test_refill_reads_and_writes_iceberg_tables(ray_local, trained, local_cfg):
     """The backfilled gallery as an Iceberg table, refilled into another: the rows the Parquet refill gives."""
-    cfg = local_cfg()
+    cfg = local_cfg("backfill.distributor=local", "extract.distributor=local")  # Ray's pool: the test above
     store = open_store(cfg.storage)
     for part in (("models",), ("images",), ("embeddings", "stored"), ("embeddings", "fct"), ("embeddings", "new")):
         copy_tree(trained[1], store, *part)

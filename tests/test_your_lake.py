@@ -227,7 +227,8 @@ def test_your_lake_as_iceberg_tables_the_readme_walk(team, tmp_path, capsys, cap
     pyiceberg, warehouse on S3, catalog on a local sqlite file); extract into tables, h from the table pair, its
     evaluation, the backfill into a table, its index and a search, with vectors checked against the team's own."""
     fct, uri, store = team["fct"], team["uri"], team["store"]
-    catalog = ["--set", f"tables.properties.uri=sqlite:///{tmp_path}/catalog.db"]
+    catalog = ["--set", f"tables.properties.uri=sqlite:///{tmp_path}/catalog.db",  # in this process: Ray's pool is
+               "--set", "extract.distributor=local", "--set", "backfill.distributor=local"]  # the other walk's
     cat = load_catalog("fct", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"{uri}/warehouse",
                        **{"s3.endpoint": team["cfg"].storage.s3_endpoint})
     cat.create_namespace("team")
