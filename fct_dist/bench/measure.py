@@ -13,6 +13,7 @@ import psutil
 import torch
 
 from .. import lake
+from ..lake import LakeError
 from ..config import Columns
 from ..models import registry
 from ..pipeline.backfill import TransformFn
@@ -160,6 +161,15 @@ def same_output(store: Store, a: str, b: str) -> bool:
     del ta, tb
     pa.default_memory_pool().release_unused()  # the driver's memory is measured by the next runs
     return same
+
+
+def engine_result(manifest: dict, where: str) -> dict:
+    """What `measured` needs of an engine run, from its manifest's summary; a rejected row fails the bench."""
+    s = manifest["summary"]
+    if s["rows_out"] != s["rows_in"]:
+        raise LakeError(f"{where}: {s['rows_in'] - s['rows_out']} rows rejected in a bench lake")
+    return {"rows": s["rows_out"], "bytes_in": s["bytes_in"], "items_per_second": s["rows_per_second"],
+            "startup_seconds": s["startup_seconds"], "driver_seconds": s["driver_seconds"], "fn_busy": s["fn_busy"]}
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -35,9 +35,8 @@ from .report import IO_JOB, plot_by_size, plot_throughput, render, write
 from ..config import Actors, Config
 from . import tables
 from .fixtures import IMAGE_SPLIT, Profile, bench_images, profiles, save_models, stored_lake
-from ..lake import LakeError
 from ..layout import FCT, NEW, STORED
-from .measure import (ZeroCost, compute_only, measured, median_run, plain_copy, same_output,
+from .measure import (ZeroCost, compute_only, engine_result, measured, median_run, plain_copy, same_output,
                       same_output_as_old)
 from ..pipeline import backfill, distribute, extract, filemap
 from ..pipeline.filejob import FileJob
@@ -59,12 +58,8 @@ def on(cfg: Config, distributor: str) -> Config:
 def engine_run(cfg: Config, job: FileJob) -> dict:
     """An engine job from scratch (its output cleared first): rows, bytes, steady rate, start-up."""
     job.store.delete(job.out_dir)
-    s = filemap.run(job, distribute.of(cfg, job.actors))["summary"]
-    if s["rows_out"] != s["rows_in"]:
-        raise LakeError(f"{job.store.uri(job.out_dir)}: {s['rows_in'] - s['rows_out']} rows rejected in a bench lake")
-    return {"rows": s["rows_out"], "bytes_in": s["bytes_in"], "output": job.out_dir,
-            "items_per_second": s["rows_per_second"], "startup_seconds": s["startup_seconds"],
-            "driver_seconds": s["driver_seconds"], "fn_busy": s["fn_busy"]}
+    m = filemap.run(job, distribute.of(cfg, job.actors))
+    return engine_result(m, job.store.uri(job.out_dir)) | {"output": job.out_dir}
 
 
 def pool_gpus(actors: Actors, gpu: bool) -> float:

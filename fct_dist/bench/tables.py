@@ -18,7 +18,7 @@ from ..layout import FCT, STORED
 from ..pipeline import backfill
 from ..storage import Store, open_store
 from .fixtures import profiles, save_models, stored_lake
-from .measure import measured, median_run
+from .measure import engine_result, measured, median_run
 
 log = logging.getLogger("fct_dist.bench.tables")  # also when run as __main__
 
@@ -44,7 +44,7 @@ def table_run(cfg: Config, store: Store, source: str, split: str) -> dict:
         cat.drop_table(name)
     t0 = time.time()
     m = backfill.backfill(cfg, store, FCT, split, input=source, output=f"{tables.SCHEME}{name}")
-    return summary(m, time.time() - t0)
+    return engine_result(m, source) | {"end_to_end_seconds": round(time.time() - t0, 2)}
 
 
 def folder_run(cfg: Config, store: Store, split: str) -> dict:
@@ -53,13 +53,7 @@ def folder_run(cfg: Config, store: Store, split: str) -> dict:
     store.delete(out)
     t0 = time.time()
     m = backfill.backfill(cfg, store, FCT, split, output=store.uri(out))
-    return summary(m, time.time() - t0)
-
-
-def summary(m: dict, wall: float) -> dict:
-    s = m["summary"]
-    return {"rows": s["rows_out"], "bytes_in": s["bytes_in"], "items_per_second": s["rows_per_second"],
-            "startup_seconds": s["startup_seconds"], "end_to_end_seconds": round(wall, 2)}
+    return engine_result(m, store.uri(out)) | {"end_to_end_seconds": round(time.time() - t0, 2)}
 
 
 def compare(cfg: Config, store: Store, split: str) -> dict:
