@@ -219,6 +219,32 @@ def test_conditional_writes_at_once_let_exactly_one_writer_win(any_cfg):
         assert store.read_versioned(path) == (f"round {r} writer {won[0]}".encode(), version)
 
 
+def test_a_local_conditional_write_never_hangs_on_a_paused_lock_holder(local_cfg, monkeypatch):
+    """A writer paused (SIGSTOP) while it holds a file's lock must not hang the next writer: it fails after
+    LOCK_WAIT_S naming the lock, and writes nothing (a blocking flock hangs here forever)."""
+    from fct_dist.storage import local
+    store = open_store(local_cfg().storage)
+    path = store.path("x", "obj.json")
+    version = store.write_if(path, b"a", None)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               f"{path}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(local, "LOCK_WAIT_S", 1.0)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"obj\.json\.lock has been locked by another process for over 1 s"):
+            store.write_if(path, b"b", version)
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.read_versioned(path) == (b"a", version)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["obj.json", "obj.json.lock"]  # no temp file left
+    assert store.write_if(path, b"c", version)  # the holder is gone: the lock is free again
+
+
 def test_a_run_whose_lease_is_taken_over_does_not_commit(engine):
     cfg, store, meta = engine
     id_lake(store, store.path("in"), meta, files=20, rows_per_file=2000)

@@ -3,12 +3,15 @@
 Writes are atomic and durable: a hidden temp file is fsynced, renamed into place, and its folder
 fsynced after the rename, so a power loss after a commit cannot leave a committed name pointing at
 missing bytes. A file's version is its mtime + ctime + inode (ctime cannot be set back, unlike mtime);
-a conditional write holds an exclusive `flock` around read-compare-write."""
+a conditional write holds an exclusive `flock` around read-compare-rename only: its bytes are written
+and fsynced before, so a writer paused (SIGSTOP) or slow inside the lock holds it for microseconds,
+and a writer waiting for the lock gives up after LOCK_WAIT_S naming the lock instead of hanging."""
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -16,6 +19,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from .base import AtomicFile, Conflict, StorageError, Store
+
+LOCK_WAIT_S = 30.0  # far above any compare-and-rename; what is left is a holder paused inside the lock
 
 
 @dataclass
@@ -78,18 +83,39 @@ class LocalStore(Store):
         return data, hashlib.sha256(data).hexdigest()
 
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
-        folder = os.path.dirname(path)
+        out = RenamedFile(self, path)
+        out.write(data)
         try:
-            os.makedirs(folder, exist_ok=True)
+            out.flush()  # the bytes are on disk before the lock is taken
             lock = open(f"{path}.lock", "a")
         except OSError as e:
+            out.abort()
             raise StorageError(f"cannot write {self.uri(path)}: {e}") from None
-        with lock:  # every local conditional writer of `path` holds this lock around read-compare-write
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.read_versioned(path)[1] != version:
-                raise Conflict(f"{self.uri(path)} changed: expected version {version}")
-            self.write_bytes(path, data)
+        with lock:  # every local conditional writer of `path` holds this lock around read-compare-rename
+            try:
+                wait_for(lock, f"{self.uri(path)}.lock")
+                if self.read_versioned(path)[1] != version:
+                    raise Conflict(f"{self.uri(path)} changed: expected version {version}")
+                out.rename()
+            except BaseException:
+                out.abort()
+                raise
+        out.sync_folder()
         return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(lock, name: str) -> None:
+    """Take an exclusive flock on `lock`, or fail after LOCK_WAIT_S naming it (never hang on a paused holder)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StorageError(f"{name} has been locked by another process for over {LOCK_WAIT_S:.0f} s "
+                                   "(a writer paused or hung inside a conditional write); nothing was written") from None
+            time.sleep(0.01)
 
 
 class RenamedFile(AtomicFile):
@@ -106,16 +132,33 @@ class RenamedFile(AtomicFile):
         super().__init__(store, path, stream)
 
     def commit(self) -> int:
-        try:
+        size = self.flush()
+        self.rename()
+        self.sync_folder()
+        return size
+
+    def flush(self) -> int:
+        """Close and fsync the temp file: the bytes are on disk before the name points at them."""
+        def close() -> int:
             size = self.stream.tell()
             self.stream.close()
-            fsync(self.tmp)  # the bytes are on disk before the name points at them
-            self.store.fs.move(self.tmp, self.path)
-            fsync(os.path.dirname(self.path))  # and the rename itself survives a power loss
+            fsync(self.tmp)
+            return size
+        return self._guard(close)
+
+    def rename(self) -> None:
+        self._guard(lambda: self.store.fs.move(self.tmp, self.path))
+
+    def sync_folder(self) -> None:
+        """The rename itself survives a power loss."""
+        self._guard(lambda: fsync(os.path.dirname(self.path)))
+
+    def _guard(self, step):
+        try:
+            return step()
         except (OSError, pa.ArrowException) as e:
             self.abort()
             raise StorageError(f"cannot write {self.store.uri(self.path)}: {e}") from None
-        return size
 
     def abort(self) -> None:
         """A full disk must not keep a half-written temp file."""
