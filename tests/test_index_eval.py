@@ -45,6 +45,27 @@ def test_cmc_and_map_match_brute_force_with_ties_and_singletons(seed):
     assert got["queries"] == counted and got["queries_without_match"] == 3
 
 
+def test_ranking_keys_sort_as_distance_then_gallery_order():
+    """The exact ranking sorts integer keys instead of argsorting floats: their order must be the stable
+    argsort's, negative distances (float cancellation), ties, zero and inf included."""
+    rng = np.random.default_rng(0)
+    d = rng.choice(np.array([-2.5, -1e-7, 0.0, 1e-7, 0.5, 3.0, 1e30, np.inf], np.float32), (5, 200))
+    got = ranking.ranking_keys(d).argsort(axis=1)
+    np.testing.assert_array_equal(got, np.argsort(d, axis=1, kind="stable"))
+
+
+def test_exact_ranking_of_a_larger_gallery_matches_brute_force():
+    """Integer points (distances exact in float32, ties between classes in every row), several blocks per class."""
+    rng = np.random.default_rng(4)
+    n = 400
+    g = rng.integers(0, 4, (n, 2)).astype(np.float32)
+    labels, ids = rng.integers(0, 5, n), np.arange(n) * 3
+    cmc, m_ap, counted = brute_force(g, labels, ids, g, labels, ids, 5)
+    got = ranking.exact_ranking(g, labels, ids, g, labels, ids, 5, block_size=16)
+    np.testing.assert_allclose(got["cmc"], cmc, atol=1e-12)
+    assert got["map"] == pytest.approx(m_ap, abs=1e-12) and got["queries"] == counted == n
+
+
 def test_cross_model_case_and_neighbour_path():
     rng = np.random.default_rng(3)
     q, g = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(50, 4)).astype(np.float32)
