@@ -32,7 +32,7 @@ from fct_dist.train import stages
 from ..support import id_lake, make_cfg, registered_epoch, tiny_transformations
 from .kill import processes
 
-FILES, ROWS_PER_FILE, EPOCHS = 40, 3000, 8
+FILES, ROWS_PER_FILE, EPOCHS = 24, 3000, 5
 
 
 def on_node(node, title: str) -> list[psutil.Process]:
@@ -84,7 +84,7 @@ def lose_during_backfill(root: str, cluster: Cluster, node) -> dict:
 
 
 def lose_during_index_build(root: str, cluster: Cluster, node) -> dict:
-    # 40 shards of one file each, half a CPU per task: both nodes add shards, in several waves
+    # a shard per file, half a CPU per task: both nodes add shards, in several waves
     cfg = make_cfg(root, "index.factory=Flat", f"index.num_shards={FILES}")
     store, stored = stored_lake(root, cfg)
     backfill.backfill(cfg, store, "fct", input=stored)  # the lake to index, fault-free
