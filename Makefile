@@ -34,7 +34,7 @@ versions: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
 
-# everything (CI): ~30 min on 2 cores
+# everything (CI): ~20 min on 2 cores, venv included
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
