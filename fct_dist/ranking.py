@@ -47,7 +47,7 @@ def exact_ranking(q: np.ndarray, q_labels: np.ndarray, q_ids: np.ndarray, g: np.
               for rows_c, pos in [(np.flatnonzero(q_lab == c), np.flatnonzero(g_lab == c))]
               for s in range(0, len(rows_c) if len(pos) else 0, block_size)]
     # numpy's sort runs on one core and frees the GIL: blocks in threads, as many as cores and ~4 GiB allow
-    workers = max(1, min(os.cpu_count() or 1, (4 << 30) // (BLOCK_BYTES_PER_CELL * block_size * len(g))))
+    workers = max(1, min(os.cpu_count() or 1, (4 << 30) // (BLOCK_BYTES_PER_CELL * block_size * max(1, len(g)))))
     with ThreadPoolExecutor(workers) as pool:
         firsts, aps = zip(*pool.map(lambda b: block(*b), blocks)) if blocks else ((), ())
     first, ap = (np.concatenate(x) if x else np.zeros(0) for x in (firsts, aps))

@@ -64,6 +64,8 @@ def test_exact_ranking_of_a_larger_gallery_matches_brute_force():
     got = ranking.exact_ranking(g, labels, ids, g, labels, ids, 5, block_size=16)
     np.testing.assert_allclose(got["cmc"], cmc, atol=1e-12)
     assert got["map"] == pytest.approx(m_ap, abs=1e-12) and got["queries"] == counted == n
+    empty = ranking.exact_ranking(g, labels, ids, g[:0], labels[:0], ids[:0], 5, block_size=16)
+    assert (empty["queries"], empty["queries_without_match"], empty["map"]) == (0, n, 0.0)
 
 
 def test_cross_model_case_and_neighbour_path():
