@@ -85,8 +85,8 @@ class LocalStore(Store):
     def write_if(self, path: str, data: bytes, version: str | None) -> str:
         out = RenamedFile(self, path)
         out.write(data)
+        out.flush()  # the bytes are on disk before the lock is taken
         try:
-            out.flush()  # the bytes are on disk before the lock is taken
             lock = open(f"{path}.lock", "a")
         except OSError as e:
             out.abort()
