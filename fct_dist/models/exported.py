@@ -43,7 +43,6 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 import yaml
-from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHT_FILENAME_PREFIX
 
 from ..config import ConfigError, from_dict
 from ..image_lake import CROPS, FILTERS, RESIZE_MODES, Preprocess
@@ -52,7 +51,14 @@ from .artefact import ArtefactError, save_bytes
 
 KIND = "exported"
 FILE = "model.pt2"
-PLAIN = (WEIGHT_FILENAME_PREFIX, TENSOR_CONSTANT_FILENAME_PREFIX)  # payloads that are raw tensor bytes
+
+
+def plain_prefixes() -> tuple[str, str]:
+    """The names of the payloads that are raw tensor bytes. Imported here, not at the top: torch.export's
+    archive module pulls in torch._dynamo (~1.8 s here), which every process importing the registry (each
+    engine actor, each CLI run) would otherwise pay, exported models or not."""
+    from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX, WEIGHT_FILENAME_PREFIX
+    return WEIGHT_FILENAME_PREFIX, TENSOR_CONSTANT_FILENAME_PREFIX
 
 
 @dataclass
@@ -132,10 +138,11 @@ def check_archive(data: bytes, where: str) -> None:
     if not any(n.endswith(".json") and "/models/" in n for n in names):
         raise ArtefactError(f"{where}: no exported program in the archive; export the model with "
                                      "torch.export.save")
+    plain = plain_prefixes()
     for n in names:
         if n.endswith(("_weights_config.json", "_constants_config.json")):
             for fqn, entry in json.loads(z.read(n)).get("config", {}).items():
-                if entry.get("use_pickle") or not entry.get("path_name", "").startswith(PLAIN):
+                if entry.get("use_pickle") or not entry.get("path_name", "").startswith(plain):
                     raise ArtefactError(f"{where}: {fqn} is stored as a pickled object; refused (a model "
                                                  "file must hold plain tensors)")
         elif "/data/sample_inputs/" in n:
