@@ -133,3 +133,26 @@ def test_killed_stage_resumes_from_its_checkpoint(trained, tmp_path):
     assert "[new] epoch 3/3" in log
     meta = registry.read_meta(store, "new")
     assert [h["epoch"] for h in meta["metrics"]["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])
+def test_batches_are_the_data_loader_s_batches_of_the_sampler(world, rank):
+    """The training loop's batches (one indexing op each) are what a DataLoader over the same sampler gives:
+    the same rows in the same order, each epoch reshuffled, the last partial batch dropped, dtypes kept."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from fct_dist.train.loop import Batches
+    n = 1003
+    data = TensorDataset(torch.randn(n, 5), torch.randint(0, 255, (n, 3, 4, 4), dtype=torch.uint8), torch.arange(n))
+    sampler = DistributedSampler(data, world, rank, shuffle=True, seed=3, drop_last=True)
+    loader, batches = DataLoader(data, 64, sampler=sampler, drop_last=True), Batches(data.tensors, sampler, 64,
+                                                                                     torch.device("cpu"))
+    firsts = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        want, got = list(loader), list(batches)
+        assert len(got) == len(batches) == len(want) == n // world // 64
+        for a, b in zip(want, got):
+            assert [x.dtype for x in a] == [x.dtype for x in b] and all(torch.equal(x, y) for x, y in zip(a, b))
+        firsts.append(got[0][2])
+    assert not torch.equal(*firsts)  # a new order each epoch

@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 import torch.nn as nn
 from ray.train.v2.api.context import LocalTrainContext
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from .. import features, image_lake, losses
 from ..config import Optim
@@ -181,14 +181,31 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def shard(task: Task, rank: int, world: int) -> tuple[DistributedSampler, DataLoader]:
+class Batches:
+    """An epoch of the sampler's indices in batches (the last partial one dropped), each taken from the
+    tensors by one indexing op and moved to the device. A DataLoader fetches and collates row by row:
+    ~8x slower for h's short rows, a fifth of its training time on the demo."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], sampler: DistributedSampler, size: int,
+                 device: torch.device):
+        self.tensors, self.sampler, self.size, self.device = tensors, sampler, size, device
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.size
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler))
+        for i in range(len(self)):
+            rows = order[i * self.size:(i + 1) * self.size]
+            yield [t[rows].to(self.device, non_blocking=True) for t in self.tensors]
+
+
+def shard(task: Task, rank: int, world: int) -> tuple[DistributedSampler, Batches]:
     """This worker's share of the task's data, reshuffled per epoch, batches of batch_size / world."""
     data, opt = task.dataset(), task.opt
     per_worker = max(1, min(opt.batch_size // world, len(data) // world))
     sampler = DistributedSampler(data, world, rank, shuffle=True, seed=opt.seed, drop_last=True)
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(data, per_worker, sampler=sampler, drop_last=True), add_dist_sampler=False)
-    return sampler, loader
+    return sampler, Batches(data.tensors, sampler, per_worker, ray.train.torch.get_device())
 
 
 def resume(task: Task) -> tuple[nn.Module, torch.optim.Optimizer, int, list[dict]]:
@@ -207,7 +224,7 @@ def resume(task: Task) -> tuple[nn.Module, torch.optim.Optimizer, int, list[dict
     return model, optimizer, start, history
 
 
-def run_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, epoch: int,
+def run_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, epoch: int,
               rank: int, world: int, board) -> dict:
     """One pass over the loader with the cosine schedule; rank 0 feeds the driver's progress bar."""
     opt, steps, device = task.opt, len(loader), ray.train.torch.get_device()
