@@ -2,6 +2,7 @@
 on a moto S3 endpoint; bad input, quarantine and a killed driver on the local distributor."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from fct_dist.models import registry
 from fct_dist.pipeline import backfill, extract
 from fct_dist.storage import open_store
 
-from .support import copy_tree, expected_backfill, id_lake, read_output, write_stored, output_of
+from .support import copy_tree, expected_backfill, id_lake, make_cfg, read_output, write_stored, output_of
 from .harness.kill import kill_session
 
 
@@ -139,9 +140,9 @@ def test_wrong_dims_or_producer_fail_before_any_work(trained, local_cfg):
     assert not store.list(out, ".parquet") and not currency.has_manifest(store, out)
 
 
-def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
-    """Kill the whole `fct backfill` process midway (its Ray dies with it), rerun: one row per id,
-    each with h(old, side), and the rerun maps only what was not done."""
+def test_killed_backfill_resumes_exactly_once(ray_local, trained, tmp_path, caplog):
+    """Kill the whole `fct backfill` process midway (its Ray dies with it), rerun (in this process, on the
+    session's Ray): one row per id, each with h(old, side), and the rerun maps only what was not done."""
     _, src, _ = trained
     root = tmp_path / "root"
     store = open_store(Storage(root=str(root)))
@@ -158,9 +159,9 @@ def test_killed_backfill_resumes_exactly_once(trained, tmp_path):
     kill_session(proc)
     done = len(store.list(out, ".parquet"))
     assert 3 <= done < 40 and not currency.has_manifest(store, out), "the kill did not land midway"
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming: {done} of 40 files already done" in rerun.stderr
+    caplog.set_level(logging.INFO, logger="fct_dist")
+    backfill.backfill(make_cfg(str(root), "backfill.num_actors=1"), store, "fct", input=store.path("big"))
+    assert f"resuming: {done} of 40 files already done" in caplog.text
     ids, emb = read_output(store, out)
     want_ids, want = expected_backfill(store, "fct", store.path("big"))
     np.testing.assert_array_equal(ids, want_ids)  # sorted and equal: every id exactly once
