@@ -117,8 +117,9 @@ def test_killed_stage_resumes_from_its_checkpoint(ray_local, trained, tmp_path):
     root = tmp_path / "root"
     store = open_store(Storage(root=str(root)))
     copy_tree(src, store, "images")
+    sets = ("train.new.epochs=3", "train.new.batch_size=8")  # the killed run's and the rerun's
     args = [sys.executable, "-m", "fct_dist.cli", "train-new", "--preset", "tiny", "--set", f"storage.root={root}",
-            "--set", "train.new.epochs=3", "--set", "train.new.batch_size=8"]
+            *(x for s in sets for x in ("--set", s))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not registered_epoch(root / "checkpoints"):
@@ -127,7 +128,7 @@ def test_killed_stage_resumes_from_its_checkpoint(ray_local, trained, tmp_path):
     proc.wait()
     registered = registered_epoch(root / "checkpoints")
     assert 1 <= registered < 3 and not registry.exists(store, "new"), "the kill did not land after the first epoch"
-    meta = stages.train_new(make_cfg(str(root), "train.new.epochs=3", "train.new.batch_size=8"), store)
+    meta = stages.train_new(make_cfg(str(root), *sets), store)
     history = meta["metrics"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the rerun started from the checkpoint the kill left (the one registered, or a later one written before
