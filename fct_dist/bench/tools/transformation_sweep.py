@@ -1,10 +1,13 @@
-"""How does a transformation setting change quality? h trained with `--set` overrides on the demo's
-features (a copy of the models, images and features of a finished `make demo` root, so that root is
-untouched), then new/FCT top-1 and mAP over all test queries and the backfill curve's AUC per order
-(eval.curve_queries queries), printed as one JSON line.
+"""How does a transformation or side-info setting change quality? h trained with `--set` overrides on
+the demo's features (a copy of the models, images and features of a finished `make demo` root, so that
+root is untouched; overrides of models.side / train.side retrain the side-info model and re-extract the
+features first, the stages skipping what they leave current), then new/FCT and side/side top-1 and mAP
+over all test queries and the backfill curve's AUC per order (eval.curve_queries queries), printed as
+one JSON line.
 
     .venv/bin/python -m fct_dist.bench.tools.transformation_sweep w003 train.transformation.classification_weight=0.03 \\
         [--root ./fct-data] [--work /tmp/sweep]
+    .venv/bin/python -m fct_dist.bench.tools.transformation_sweep side16 models.side.width=16
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import time
 import numpy as np
 import torch
 
-from fct_dist import config, evaluation, features, ranking
+from fct_dist import config, evaluation, features, layout, ranking
 from fct_dist.models import registry
+from fct_dist.pipeline import extract
 from fct_dist.runtime import init_ray
 from fct_dist.storage import open_store
 from fct_dist.train import stages
@@ -31,35 +35,58 @@ def main() -> None:
     p.add_argument("sets", nargs="*", help="config overrides, key=value")
     p.add_argument("--root", default="./fct-data", help="a root `make demo` finished in")
     p.add_argument("--work", default="/tmp/sweep", help="where each variant's copy lives")
+    p.add_argument("--noside", action="store_true", help="also train h without side-info: side-info's contribution")
+    p.add_argument("--curve", action=argparse.BooleanOptionalAction, default=True, help="the backfill curve's AUCs")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = f"{a.work}/{a.name}"
     if not os.path.exists(root):
-        for part in ("models", "images", "embeddings/features"):
-            shutil.copytree(f"{a.root}/{part}", f"{root}/{part}")
+        for part in ("models", "images", "embeddings/features"):  # features: re-extracted when missing
+            if os.path.exists(f"{a.root}/{part}"):
+                shutil.copytree(f"{a.root}/{part}", f"{root}/{part}")
         for m in ("fct", "fct-noside"):
             shutil.rmtree(f"{root}/models/{m}", ignore_errors=True)
     cfg = config.load("config.yaml", [f"storage.root={root}", *a.sets])
     store = open_store(cfg.storage)
     init_ray(cfg)
     t0 = time.time()
+    stages.train_side_info(cfg, store)
+    for split in layout.SPLITS:
+        extract.features(cfg, store, split)
+    t1 = time.time()
     stages.train_transformation(cfg, store)
-    seconds = time.time() - t0
+    seconds = time.time() - t1
     f = features.open_lake(cfg, store)
     x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
-    h, _ = registry.load(store, "fct")
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def gallery(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        h, _ = registry.load(store, name)
         g = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096]) for i in range(0, len(x["old"]), 4096)])
-        s = h.log_variance(g).numpy() if h.log_var is not None else None
-    ids, new, g = x["id"].numpy(), x["new"].numpy(), g.numpy()
+        return g.numpy(), h.log_variance(g).numpy() if h.log_var is not None else None
+
+    g, s = gallery("fct")
+    ids, new = x["id"].numpy(), x["new"].numpy()
     truth = features.split_truth(store, "test")
     labels = truth[1][np.searchsorted(truth[0], ids)]
 
-    def rank(gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
-        r = ranking.exact_ranking(new[q], labels[q], ids[q], gallery, labels, ids, 1, cfg.eval.block_size)
+    def rank_with(query: np.ndarray, gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
+        r = ranking.exact_ranking(query[q], labels[q], ids[q], gallery, labels, ids, 1, cfg.eval.block_size)
         return r["cmc"][0], r["map"]
 
-    out = {"name": a.name, "sets": a.sets, "train_seconds": round(seconds), "new_fct_top1_map": rank(g)}
+    def rank(gallery: np.ndarray, q=slice(None)) -> tuple[float, float]:
+        return rank_with(new, gallery, q)
+
+    side = x["side"].numpy()
+    out = {"name": a.name, "sets": a.sets, "side_and_features_seconds": round(t1 - t0), "train_seconds": round(seconds),
+           "new_fct_top1_map": rank(g), "side_side_top1_map": rank_with(side, side)}
+    if a.noside:
+        t2 = time.time()
+        stages.train_transformation(cfg, store, use_side=False)
+        out |= {"noside_train_seconds": round(time.time() - t2), "new_noside_top1_map": rank(gallery("fct-noside")[0])}
+    if not a.curve:
+        print(json.dumps(out), flush=True)
+        return
     q = np.sort(np.random.default_rng(1).choice(len(ids), min(cfg.eval.curve_queries or len(ids), len(ids)),
                                                 replace=False))
     for order_name, order in evaluation.backfill_orders(ids, g, new, s).items():
