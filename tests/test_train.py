@@ -159,3 +159,20 @@ def test_batches_are_the_data_loader_s_batches_of_the_sampler(world, rank):
             assert [x.dtype for x in a] == [x.dtype for x in b] and all(torch.equal(x, y) for x, y in zip(a, b))
         firsts.append(got[0][2])
     assert not torch.equal(*firsts)  # a new order each epoch
+
+
+@pytest.mark.parametrize("sets, want", [
+    ((), (1, 2.0)),  # h: one worker with both workers' CPUs (two threads), not two DDP workers of one
+    (("train.transformation.num_workers=null",), (2, 1.0)),  # null: as many as train.num_workers
+    (("train.num_workers=0",), (0, None)),  # 0 runs every stage in the driver, h included
+    (("train.num_workers=4", "train.cpus_per_worker=0.5", "train.transformation.num_workers=2"), (2, 1.0)),
+])
+def test_h_trains_on_its_own_workers_with_all_the_training_cpus(sets, want):
+    """h's Ray Train scaling: train.transformation.num_workers workers sharing the CPUs of train.num_workers x
+    train.cpus_per_worker; every other stage keeps train.num_workers."""
+    from fct_dist.train.trainer import scaling, workers_of
+    cfg = make_cfg("/tmp/unused", "train.num_workers=2", *sets)
+    workers = workers_of(cfg, cfg.train.transformation.num_workers)
+    got = (workers, scaling(cfg, workers).resources_per_worker["CPU"] if workers else None)
+    assert got == want
+    assert workers_of(cfg) == cfg.train.num_workers

@@ -169,7 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, opt.epochs):
         sampler.set_epoch(epoch)
         metrics = run_epoch(task, model, optimizer, loader, epoch, rank, world, board)
-        history.append(metrics | {"resumed_at": start})  # the checkpoint's epoch this worker group started from
+        # resumed_at: the checkpoint's epoch this worker group started from; workers x threads: how it trained
+        history.append(metrics | {"resumed_at": start, "workers": world, "threads": torch.get_num_threads()})
         if rank == 0:
             board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
                                   f"{metrics['items_per_s']:.0f} items/s")

@@ -71,14 +71,14 @@ def accuracy(model: nn.Module, store: Store, classes: list[int], split: str = "t
 
 
 def _run(cfg: Config, store: Store, name: str, key: str, task: Task, meta: dict, force: bool,
-         finish=None) -> dict:
+         finish=None, workers: int | None = None) -> dict:
     """Train `task` unless models/{name} is current for `key`; save the artefact with its metrics."""
     done = None if force else registry.current(store, name, key)
     if done:
         log.info("[%s] up to date (key %s): skipped", name, key)
         return done
     t0 = time.time()
-    module, history = fit(task, name, f"{name}-{key}", cfg, store)
+    module, history = fit(task, name, f"{name}-{key}", cfg, store, workers)
     module, metrics = finish(module) if finish else (module, {})
     metrics |= {"train_seconds": round(time.time() - t0, 1), "history": history}
     meta = registry.save(store, name, module, meta | {"metrics": metrics}, key)
@@ -207,7 +207,7 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
             "producers": {r: f.versions.get(r) for r in ("old", "side", "new")}, "features": store.uri(f.train),
             "classifier": fc_version}
     return _run(cfg, store, name, key, task, meta, force,
-                lambda m: (m, transformation_error(m, store, f.test, columns, dims)))
+                lambda m: (m, transformation_error(m, store, f.test, columns, dims)), cfg.train.transformation.num_workers)
 
 
 def new_classifier(cfg: Config, store: Store, f: feature_lakes.Features, target: str = NEW

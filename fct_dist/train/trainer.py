@@ -22,11 +22,20 @@ from .loop import STATE, Task, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def scaling(cfg: Config) -> ray.train.ScalingConfig:
+def workers_of(cfg: Config, stage_workers: int | None = None) -> int:
+    """A stage's Ray Train workers: its own count (null: train.num_workers); 0 (in the driver) when
+    train.num_workers is 0."""
+    return min(cfg.train.num_workers, stage_workers or cfg.train.num_workers)
+
+
+def scaling(cfg: Config, workers: int) -> ray.train.ScalingConfig:
+    """`workers` share the CPUs of train.num_workers x train.cpus_per_worker (a stage with fewer workers gets
+    more threads per worker, not fewer CPUs), one GPU each where there are GPUs."""
     t = cfg.train
     gpu = want_gpu(t.use_gpu)
-    return ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, placement_strategy=t.placement_strategy,
-                                   resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if gpu else {}))
+    cpus = t.cpus_per_worker * t.num_workers / max(1, workers)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, placement_strategy=t.placement_strategy,
+                                   resources_per_worker={"CPU": cpus} | ({"GPU": 1} if gpu else {}))
 
 
 @ray.remote(num_cpus=0)
@@ -72,7 +81,8 @@ def follow(board, stage: str, stop: threading.Event, every: float = 0.5) -> None
         bar.close()
 
 
-def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tuple[nn.Module, list[dict]]:
+def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store, workers: int | None = None
+        ) -> tuple[nn.Module, list[dict]]:
     """Train `task` with Ray Train; returns the trained module (CPU, unwrapped) and its epoch history.
 
     Checkpoints go to {storage.root}/checkpoints/{run_name}; rerunning the same run name (same stage
@@ -83,7 +93,7 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "stage": stage, "board": board},
-        scaling_config=scaling(cfg),
+        scaling_config=scaling(cfg, workers),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=layout.checkpoints(store), storage_filesystem=store.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -97,7 +107,7 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store) -> tup
         ray.kill(board)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")
-    if cfg.train.num_workers == 0:  # local mode: the checkpoint is the loop's own temp folder (see loop.py)
+    if workers == 0:  # local mode: the checkpoint is the loop's own temp folder (see loop.py)
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     module = task.model()
     module.load_state_dict(state["model"])
