@@ -182,9 +182,11 @@ def test_your_models_your_lake_the_readme_walk_end_to_end(team, capsys):
     np.testing.assert_allclose(lake.to_numpy(f["emb_v2"]), lake.to_numpy(t["emb_v2"])[:10], atol=1e-6)
 
     # h from the extracted lake, its evaluation there, the backfill of the stored lake, an index, a search
-    assert fct("train-transformation", "--features", f"{uri}/extracted") == 0
+    # on Ray Train: h on one worker with both training workers' CPUs (train.transformation.num_workers)
+    assert fct("train-transformation", "--features", f"{uri}/extracted", "--set", "train.num_workers=2") == 0
     h_meta = registry.read_meta(store, "fct")
     assert h_meta["dims"] == {"old": 8, "side": 6, "new": 12} and h_meta["uses_side_info"]
+    assert {(e["workers"], e["threads"]) for e in h_meta["metrics"]["history"]} == {(1, 2)}
     assert fct("evaluate", "--features", f"{uri}/extracted") == 0
     result = evaluation.features_matrix(cfg, store, f"{uri}/extracted")
     assert [(c["query"], c["gallery"]) for c in result["cases"]] == [("old", "old"), ("new", "new"), ("new", "fct"),

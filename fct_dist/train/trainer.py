@@ -86,8 +86,10 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store, worker
     """Train `task` with Ray Train; returns the trained module (CPU, unwrapped) and its epoch history.
 
     Checkpoints go to {storage.root}/checkpoints/{run_name}; rerunning the same run name (same stage
-    config and inputs) resumes from the last checkpoint instead of starting over."""
+    config and inputs) resumes from the last checkpoint instead of starting over. `workers`: the stage's own
+    count (workers_of)."""
     init_ray(cfg)
+    workers = workers_of(cfg, workers)
     board, stop = Board.options(scheduling_strategy=on_driver_node()).remote(), threading.Event()
     drawer = threading.Thread(target=follow, args=(board, stage, stop), daemon=True)
     trainer = TorchTrainer(
