@@ -58,9 +58,8 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     step("train BCT's new model (baseline)", stages.train_new, cfg, store, bct=True, force=force)
     for s in layout.SPLITS:
         step(f"extract the transformation's features (old, side, new) of {s}", extract.features, cfg, store, s)
-    step("train the transformation h", stages.train_transformation, cfg, store, force=force)
-    step("train the transformation without side-info", stages.train_transformation, cfg, store, use_side=False,
-         force=force)
+    step("train the transformation h, with and without side-info (side by side)", stages.train_side_by_side, cfg,
+         store, [{"use_side": True}, {"use_side": False}], force)
     # with a later version to come, the upgraded lake keeps the side-info for the next upgrade to read
     keep = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, keep=[cfg.columns.side]))
     step(f"backfill {split} with h: the upgraded lake", backfill.backfill, keep if last > 2 else cfg, store, FCT, split)
@@ -97,9 +96,9 @@ def upgrade_to(cfg: Config, store: Store, step: Steps, force: bool, k: int) -> N
     for s in layout.SPLITS:
         step(f"extract the upgrade to {target}'s features (old, side, {before}, {target}) of {s}",
              extract.version_features, cfg, store, s, k)
-    for up in stages.upgrades_to(k):
-        step(f"train {up.name}: h({up.roles['old']}, side) -> {target}", stages.train_transformation, cfg, store,
-             force=force, upgrade=up)
+    ups = stages.upgrades_to(k)
+    step(" and ".join(f"train {up.name}: h({up.roles['old']}, side) -> {target}" for up in ups) + " (side by side)",
+         stages.train_side_by_side, cfg, store, [{"upgrade": up} for up in ups], force)
     step(f"backfill {split} chained: h(v{k - 1} -> v{k}) on the upgraded lake", backfill.chained, cfg, store, k, split)
     step(f"backfill {split} direct: h(v1 -> v{k}) on the stored lake", backfill.backfill, cfg, store,
          layout.direct(k), split)

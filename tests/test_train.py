@@ -176,3 +176,24 @@ def test_h_trains_on_its_own_workers_with_all_the_training_cpus(sets, want):
     got = (workers, scaling(cfg, workers).resources_per_worker["CPU"] if workers else None)
     assert got == want
     assert workers_of(cfg) == cfg.train.num_workers
+
+
+def test_h_and_its_no_side_ablation_train_side_by_side(ray_local, trained, tmp_path):
+    """On Ray Train workers, h and h without side-info train at once, each on one worker with half the
+    training CPUs (one thread each): the two runs overlap in time."""
+    _, src, _ = trained
+    store = open_store(Storage(root=str(tmp_path / "root")))
+    copy_tree(src, store, "images")
+    copy_tree(src, store, "models")
+    copy_tree(src, store, "embeddings", "features")
+    cfg = make_cfg(str(tmp_path / "root"), "versions.classes=[6, null]", "train.num_workers=2",
+                   "train.transformation.epochs=2")
+    t0 = time.time()
+    metas = stages.train_side_by_side(cfg, store, [{"use_side": True}, {"use_side": False}], force=True)
+    wall = time.time() - t0
+    assert [m["uses_side_info"] for m in metas] == [True, False]
+    assert [registry.read_meta(store, n)["version"] for n in ("fct", "fct-noside")] == [m["version"] for m in metas]
+    for m in metas:
+        assert {(e["workers"], e["threads"]) for e in m["metrics"]["history"]} == {(1, 1)}
+    seconds = [m["metrics"]["train_seconds"] for m in metas]
+    assert wall < 0.75 * sum(seconds), (wall, seconds)  # one after the other would take their sum

@@ -16,7 +16,7 @@ def test_upgrade_runs_every_stage_and_writes_the_report(trained):
     steps = metrics["runs"][0]["steps"]
     assert set(steps) <= set(metrics["runs"][0]["timings"])
     features = [i for i, s in enumerate(steps) if s.startswith("extract the transformation's features")]
-    assert len(features) == 2 and max(features) < steps.index("train the transformation h")
+    assert len(features) == 2 and max(features) < steps.index("train the transformation h, with and without side-info (side by side)")
     assert steps.index("index the upgraded lake") < steps.index("evaluate: the compatibility matrix and index recall")
     for model in ("old", "side", "new", "bct", "fct", "fct-noside"):
         assert registry.exists(store, model)

@@ -8,6 +8,7 @@ stage wrote) and starts no other stage.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import logging
 import time
@@ -26,7 +27,7 @@ from ..layout import BCT, FCT, FCT_NOSIDE, NEW, OLD, SIDE
 from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, registry
 from ..storage import Store
 from .loop import BctTask, ClassifierTask, SimCLRTask, Task, TransformationTask
-from .trainer import fit
+from .trainer import fit, workers_of
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,19 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
             "classifier": fc_version}
     return _run(cfg, store, name, key, task, meta, force,
                 lambda m: (m, transformation_error(m, store, f.test, columns, dims)), cfg.train.transformation.num_workers)
+
+
+def train_side_by_side(cfg: Config, store: Store, runs: list[dict], force: bool = False) -> list[dict]:
+    """Several transformations at once (train_transformation's keyword arguments each, each naming another
+    artefact), each on an equal share of the training CPUs: h is a small MLP that scales poorly past a
+    core, so two at once finish sooner than one after the other. In the driver (train.num_workers=0) one
+    after the other."""
+    if workers_of(cfg, cfg.train.transformation.num_workers) == 0 or len(runs) < 2:
+        return [train_transformation(cfg, store, force=force, **r) for r in runs]
+    share = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                              cpus_per_worker=cfg.train.cpus_per_worker / len(runs)))
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return [f.result() for f in [pool.submit(train_transformation, share, store, force=force, **r) for r in runs]]
 
 
 def new_classifier(cfg: Config, store: Store, f: feature_lakes.Features, target: str = NEW
