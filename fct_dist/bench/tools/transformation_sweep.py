@@ -2,7 +2,8 @@
 the demo's features (a copy of the models, images and features of a finished `make demo` root, so that
 root is untouched; overrides of models.side / train.side retrain the side-info model and re-extract the
 features first, the stages skipping what they leave current), then new/FCT and side/side top-1 and mAP
-over all test queries and the backfill curve's AUC per order (eval.curve_queries queries), printed as
+over all test queries (new/new and new/FCT top-1 also for the queries of the old model's classes and of
+the others) and the backfill curve's AUC per order (eval.curve_queries queries), printed as
 one JSON line.
 
     .venv/bin/python -m fct_dist.bench.tools.transformation_sweep w003 train.transformation.classification_weight=0.03 \\
@@ -60,9 +61,13 @@ def main() -> None:
     x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
 
     @torch.no_grad()
+    def apply(h: torch.nn.Module, rows: dict) -> torch.Tensor:
+        return torch.cat([h(rows["old"][i:i + 4096], rows["side"][i:i + 4096]) for i in range(0, len(rows["old"]), 4096)])
+
+    @torch.no_grad()
     def gallery(name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        h, _ = registry.load(store, name)
-        g = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096]) for i in range(0, len(x["old"]), 4096)])
+        h = registry.load(store, name)[0]
+        g = apply(h, x)
         return g.numpy(), h.log_variance(g).numpy() if h.log_var is not None else None
 
     g, s = gallery("fct")
@@ -80,6 +85,14 @@ def main() -> None:
     side = x["side"].numpy()
     out = {"name": a.name, "sets": a.sets, "side_and_features_seconds": round(t1 - t0), "train_seconds": round(seconds),
            "new_fct_top1_map": rank(g), "side_side_top1_map": rank_with(side, side)}
+    train = features.read(store, f.train, f.columns, f.dims)  # h's error on the data it saw and on the test split
+    fit = apply(registry.load(store, "fct")[0], train).numpy()
+    out["train_test_mse_over_variance"] = [float(((fit - train["new"].numpy()) ** 2).mean() / train["new"].var(0).mean()),
+                                           float(((g - new) ** 2).mean() / new.var(0).mean())]
+    # where h loses: queries of the old model's classes and of the others, against the whole gallery
+    old_classes = np.isin(labels, stages.classes_of(cfg, store)[1])
+    for part, q in (("old_classes", old_classes), ("other_classes", ~old_classes)):
+        out[f"{part}_new_new_vs_new_fct_top1"] = [rank(new, q)[0], rank(g, q)[0]]
     if a.noside:
         t2 = time.time()
         stages.train_transformation(cfg, store, use_side=False)
