@@ -34,7 +34,7 @@ versions: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
 
-# everything (CI): ~20 min on 2 cores, venv included (20 min on a slow day: README, Development)
+# everything (CI): ~20 min on 2 cores, venv included (23 min on a slow day: README, Development)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
