@@ -61,13 +61,9 @@ def main() -> None:
     x = features.read(store, f.test, f.columns, f.dims, with_ids=True)
 
     @torch.no_grad()
-    def apply(h: torch.nn.Module, rows: dict) -> torch.Tensor:
-        return torch.cat([h(rows["old"][i:i + 4096], rows["side"][i:i + 4096]) for i in range(0, len(rows["old"]), 4096)])
-
-    @torch.no_grad()
     def gallery(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         h = registry.load(store, name)[0]
-        g = apply(h, x)
+        g = torch.cat([h(x["old"][i:i + 4096], x["side"][i:i + 4096]) for i in range(0, len(x["old"]), 4096)])
         return g.numpy(), h.log_variance(g).numpy() if h.log_var is not None else None
 
     g, s = gallery("fct")
@@ -85,10 +81,9 @@ def main() -> None:
     side = x["side"].numpy()
     out = {"name": a.name, "sets": a.sets, "side_and_features_seconds": round(t1 - t0), "train_seconds": round(seconds),
            "new_fct_top1_map": rank(g), "side_side_top1_map": rank_with(side, side)}
-    train = features.read(store, f.train, f.columns, f.dims)  # h's error on the data it saw and on the test split
-    fit = apply(registry.load(store, "fct")[0], train).numpy()
-    out["train_test_mse_over_variance"] = [float(((fit - train["new"].numpy()) ** 2).mean() / train["new"].var(0).mean()),
-                                           float(((g - new) ** 2).mean() / new.var(0).mean())]
+    h = registry.load(store, "fct")[0]  # its error on the data it saw and on the test split
+    out["train_test_mse_over_variance"] = [stages.transformation_error(h, store, d, f.columns, f.dims)["test_mse_over_variance"]
+                                           for d in (f.train, f.test)]
     # where h loses: queries of the old model's classes and of the others, against the whole gallery
     old_classes = np.isin(labels, stages.classes_of(cfg, store)[1])
     for part, q in (("old_classes", old_classes), ("other_classes", ~old_classes)):
