@@ -34,9 +34,10 @@ versions: $(STAMP)
 data: $(STAMP)
 	$(VENV)/bin/fct data --config $(CONFIG)
 
-# everything (CI): ~20 min on 2 cores, venv included (23 min on a slow day: README, Development)
+# everything (CI), on two pytest-xdist workers, a module at a time in conftest's order: Ray's start-ups and
+# waits of one overlap the other's work (README, Development: the times)
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # the tier to run while working: unit and local-engine tests, no S3 server, no trained session, no cluster
 test-fast: $(STAMP)

@@ -62,18 +62,35 @@ def any_cfg(request):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, ray_local):
     """`fct upgrade` with the tiny preset through three versions (old on 4 classes, new on 6, v3 on all 8),
-    once per session: every artefact, lake, index and report."""
+    once per run: every artefact, lake, index and report. Under pytest-xdist the first worker to need it
+    trains it and the others read the same root (each test writes only paths of its own there)."""
+    from filelock import FileLock
     from fct_dist import runner
-    cfg = make_cfg(str(tmp_path_factory.mktemp("trained") / "root"), "versions.classes=[6, null]",
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's temp folder, shared by its workers
+    cfg = make_cfg(str(base / "trained" / "root"), "versions.classes=[6, null]",
                    "train.num_workers=0",  # in the driver: Ray Train itself is tested by test_train, test_jobs, the faults
                    *SESSION_EPOCHS)  # test_train checks that each model learnt, on the held-out images
     store = open_store(cfg.storage)
-    report_dir = runner.upgrade(cfg, store)
-    return cfg, store, report_dir
+    done = base / "trained" / "report_dir.txt"
+    with FileLock(str(base / "trained.lock")):
+        if not done.exists():
+            done.parent.mkdir(exist_ok=True)
+            done.write_text(runner.upgrade(cfg, store))
+    return cfg, store, done.read_text()
+
+
+# `make test` runs the modules on two pytest-xdist workers (--dist loadfile --no-loadscope-reorder: a module
+# at a time, in this order): the longest first, so that one worker runs the node-loss cluster while the
+# other trains the session's upgrade (`trained`) that the rest of these need
+FIRST = ("test_fastfill", "test_cluster", "test_jobs", "test_snapshots", "test_your_lake", "test_train")
 
 
 def pytest_collection_modifyitems(items):
     import torch
+    rank = {m: i for i, m in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(FIRST)))
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (cluster/gpu-check.sh runs these on one)")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
