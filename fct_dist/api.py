@@ -67,8 +67,8 @@ def fit_transformation(cfg: Config, store: Store, features: str | None, no_side:
     from .pipeline import extract as stage
     from .train import stages
     if not features:  # h's training data: the features extracted by the current models
-        for split in ("train", "test"):
-            stage.features(cfg, store, split)
+        for split, view in stage.feature_lakes(cfg):
+            stage.features(cfg, store, split, view)
     return stages.train_transformation(cfg, store, use_side=not no_side, force=force, features=features)
 
 

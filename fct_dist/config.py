@@ -126,6 +126,7 @@ class BctTrain(ClassifierTrain):
 @dataclass
 class TransformationTrain(Optim):
     num_workers: Optional[int] = num(1, 1, 4096)
+    views: int = num(0, 0, 64)
     freeze_bn_fraction: float = num(0.5, 0.0, 1.0)
     classification_weight: float = num(0.03, 0.0, 100.0)
     label_smoothing: float = num(0.1, 0.0, 1.0)

@@ -76,6 +76,21 @@ def read(store: Store, directory: str, columns: dict[str, str], dims: dict[str, 
     return x | {"side": x.get("side", x["old"])} | ids | labels
 
 
+def views(store: Store, directories: tuple[str, ...], columns: dict[str, str], dims: dict[str, int]
+          ) -> dict[str, torch.Tensor]:
+    """read() of several lakes of the same rows (augmented views), stacked by id: {role: (n, V, d)} in id
+    order and "id": (n,); a lake whose ids differ from the first's is an error naming both."""
+    out = []
+    for d in directories:
+        x = read(store, d, columns, dims, with_ids=True)
+        order = torch.argsort(x["id"])
+        out.append({r: v[order] for r, v in x.items()})
+        if not torch.equal(out[-1]["id"], out[0]["id"]):
+            raise LakeError(f"{store.uri(d)}: not the same ids as {store.uri(directories[0])} ({len(x['id'])} rows "
+                            f"vs {len(out[0]['id'])}); expected every view of the same rows: extract it again")
+    return {r: torch.stack([x[r] for x in out], 1) for r in ("old", "side", "new")} | {"id": out[0]["id"]}
+
+
 Truth = tuple[np.ndarray, np.ndarray]  # ids (sorted), their labels
 
 

@@ -3,6 +3,7 @@
     {root}/
       images/{split}/                part-*.parquet (id, image, label) + _manifest.json
       embeddings/{lake}/{split}/     part-*.parquet (id + one vector column per model) + _manifest.json
+      embeddings/features-view{k}/train/  augmented view k of the train images through old, side and new
       rejected/{lake}/{split}/       rows and files a stage refused, each with its reason
       index/{lake}/{split}/          shard-*.faiss + _manifest.json (index/{lake}.{column}/ for a column
                                      other than emb)
@@ -44,6 +45,11 @@ def chained(k: int) -> str:
 
 def direct(k: int) -> str:
     return FCT if k == 2 else f"fct-v1-v{k}"
+
+
+def features_view(view: int) -> str:
+    """The features lake of one augmented view of the train images (train.transformation.views); 0: as stored."""
+    return FEATURES if view == 0 else f"{FEATURES}-view{view}"
 
 
 def version_features(k: int) -> str:

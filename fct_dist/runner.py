@@ -56,8 +56,9 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
         step("extract the old model's embeddings of train (BCT's class means)", extract.reextract, cfg, store, OLD,
              "train")
     step("train BCT's new model (baseline)", stages.train_new, cfg, store, bct=True, force=force)
-    for s in layout.SPLITS:
-        step(f"extract the transformation's features (old, side, new) of {s}", extract.features, cfg, store, s)
+    for s, v in extract.feature_lakes(cfg):
+        what = f"augmented view {v} of {s}" if v else s
+        step(f"extract the transformation's features (old, side, new) of {what}", extract.features, cfg, store, s, v)
     step("train the transformation h, with and without side-info (side by side)", stages.train_side_by_side, cfg,
          store, [{"use_side": True}, {"use_side": False}], force)
     # with a later version to come, the upgraded lake keeps the side-info for the next upgrade to read

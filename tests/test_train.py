@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from fct_dist import image_lake
+from fct_dist import features, image_lake
 from fct_dist.config import Storage
-from fct_dist.models import registry
+from fct_dist.lake import LakeError
+from fct_dist.models import TransformationConfig, registry
 from fct_dist.models.registry import ArtefactError
+from fct_dist.pipeline import extract
 from fct_dist.storage import open_store
-from fct_dist.train import stages
+from fct_dist.train import augment, stages
+from fct_dist.train.loop import TransformationTask
 
 from .support import copy_tree, make_cfg, registered_epoch
 
@@ -197,3 +200,50 @@ def test_h_and_its_no_side_ablation_train_side_by_side(ray_local, trained, tmp_p
         assert {(e["workers"], e["threads"]) for e in m["metrics"]["history"]} == {(1, 1)}
     seconds = [m["metrics"]["train_seconds"] for m in metas]
     assert wall < 0.75 * sum(seconds), (wall, seconds)  # one after the other would take their sum
+
+
+def test_h_learns_from_its_augmented_views(ray_local, trained, tmp_path):
+    """train.transformation.views=1: view 1 of the train images is the three models applied to the same
+    seeded shift of each image (whatever the batch), and h trains on the stored rows and that view."""
+    _, src, _ = trained
+    store = open_store(Storage(root=str(tmp_path / "root")))
+    for part in ("images", "models", "embeddings/features"):
+        copy_tree(src, store, part)
+    cfg = make_cfg(str(tmp_path / "root"), "versions.classes=[6, null]", "train.num_workers=0",
+                   "train.transformation.epochs=2", "train.transformation.views=1", "extract.distributor=local")
+    with pytest.raises(LakeError, match="features-view1/train: no finished view 1 of the train features"):
+        stages.train_transformation(cfg, store, force=True)
+    assert extract.feature_lakes(cfg)[-1] == ("train", 1)
+    extract.features(cfg, store, "train", 1)
+    ids, images, _ = image_lake.read_images(store, "train")
+    got = features.views(store, (store.path("embeddings", "features", "train"),
+                                 store.path("embeddings", "features-view1", "train")),
+                         {"id": "id", "old": "old", "side": "side", "new": "new"}, {"old": 8, "side": 8, "new": 16})
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(got["id"].numpy(), ids[order])
+    with torch.no_grad():  # in batches of 7: a view is its image's, not its batch's
+        x = torch.cat([augment.shift_of(torch.from_numpy(images[order][i:i + 7]), [(1, int(j)) for j in ids[order][i:i + 7]])
+                       for i in range(0, len(ids), 7)])
+        for k, name in enumerate(("old", "side", "new")):
+            module, meta = registry.load(store, name)
+            want = registry.embedder(meta["kind"], module)(x).numpy()
+            np.testing.assert_allclose(got[name][:, 1].numpy(), want, atol=1e-4)
+            assert not np.allclose(got[name][:, 0].numpy(), want, atol=1e-2)  # the view is not the stored rows
+    meta = stages.train_transformation(cfg, store, force=True)
+    assert meta["views"] == 1 and meta["metrics"]["history"][-1]["epoch"] == 2
+
+
+def test_each_item_of_a_batch_is_one_of_its_views_at_random():
+    """The loss sees each item once, as its stored row or as its view, about half each: a target h hits
+    exactly in view 0 and misses by 1 in every dimension of view 1 gives a loss of ~0.5."""
+    arch = TransformationConfig(old_dim=8, side_dim=8, new_dim=16, branch=16, hidden=32, uncertainty=False)
+    task = TransformationTask(opt=make_cfg("/unused").train.transformation, arch=arch)
+    h = task.model().eval()
+    torch.manual_seed(0)
+    old, side = torch.randn(4000, 8), torch.randn(4000, 8)
+    with torch.no_grad():
+        pred = h(old, side)
+    two = lambda a, b: torch.stack([a, b], 1)  # noqa: E731 - (n, 2, d)
+    with torch.no_grad():
+        loss = float(task.loss(h, [two(old, old), two(side, side), two(pred, pred + 1), torch.zeros(4000, dtype=torch.long)]))
+    assert 0.45 < loss < 0.55, loss

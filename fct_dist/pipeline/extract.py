@@ -12,8 +12,9 @@ from ..config import Columns, Config
 from ..currency import digest
 from ..datasets import folder
 from ..lake import LakeError
-from ..layout import FEATURES, NEW, OLD, SIDE, STORED
+from ..layout import NEW, OLD, SIDE, STORED
 from ..models import registry
+from ..train import augment
 from ..storage import Store
 from . import distribute, filemap
 from .device import place
@@ -23,9 +24,11 @@ from .filejob import FileJob
 class ExtractFn:
     """Decodes each image once and fits it for every model as its `preprocess` says (a team's model card:
     size, resize mode, interpolation, crop, draft; fct's own models: as stored), then embeds the batch with
-    every model; an image that does not decode is an invalid row."""
+    every model; an image that does not decode is an invalid row. With `view` > 0 every model sees the
+    same augmented view of each image (the classifiers' shifts and flips, seeded by view and id)."""
 
-    def __init__(self, store: Store, models: dict[str, str], precision: str, image_col: str = "image"):
+    def __init__(self, store: Store, models: dict[str, str], precision: str, image_col: str = "image",
+                 view: int = 0, id_col: str = "id"):
         self.models, self.dims, self.ways = {}, {}, {}
         for col, name in models.items():
             module, meta = registry.load(store, name)
@@ -33,7 +36,7 @@ class ExtractFn:
             self.dims[col] = meta["dims"]["emb"]
             self.ways[col] = preprocess_of(meta)
         self.distinct = sorted(set(self.ways.values()), key=repr)  # each way fitted once per image
-        self.image_col = image_col
+        self.image_col, self.view, self.id_col = image_col, view, id_col
 
     @torch.no_grad()
     def __call__(self, rb: pa.RecordBatch):
@@ -54,6 +57,9 @@ class ExtractFn:
                 raise LakeError(f"images of different sizes {sorted(shapes)} for model column {col!r}; expected one "
                                 "size per lake (give the model a card with input_size)")
             x = torch.from_numpy(np.stack([f[k] for f in fitted])).to(self.device)
+            if self.view:  # (refill's batches carry no ids: they are never views)
+                ids = rb.column(self.id_col).to_numpy()[~invalid]
+                x = augment.shift_of(x, [(self.view, int(i)) for i in ids])
             out[col] = m(x).float().cpu().numpy()
         return invalid, reasons, out
 
@@ -64,11 +70,12 @@ def preprocess_of(meta: dict) -> image_lake.Preprocess:
 
 
 def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
-                input: str | None = None, output: str | None = None) -> FileJob:
+                input: str | None = None, output: str | None = None, view: int = 0) -> FileJob:
     """The extraction of an image lake by `models` ({output column: artefact name}): images/{split} into
     embeddings/{out_name}/{split}, or the lake at `input` (Parquet with the `columns.id` and
     `columns.image` columns, or a folder of images named by id, packed first into OUTPUT.images) into
-    `output` (URIs). The artefacts are verified here, before any worker starts."""
+    `output` (URIs); with `view` > 0, that augmented view of every image (ExtractFn). The artefacts are
+    verified here, before any worker starts."""
     cols = cfg.columns if input else Columns()
     out_dir = "" if tables.is_table(output) else store.resolve(output) if output else layout.embeddings(store, out_name, split)
     in_dir = tables.locate(cfg, store, input) if input else layout.images(store, split)
@@ -85,8 +92,9 @@ def extract_job(cfg: Config, store: Store, split: str, models: dict[str, str], o
         store=store, in_dir=in_dir, out_dir=out_dir,
         rejected_dir=f"{out_dir}.rejected" if output else layout.rejected(store, out_name, split),
         expected={cols.id: pa.int64(), cols.image: pa.binary()} | carried, columns=[cols.id, cols.image, *carried],
-        make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision, cols.image), producer=producer,
-        fingerprint=digest(producer, cfg.extract.precision, cols.image), actors=cfg.extract, id_col=cols.id,
+        make_fn=functools.partial(ExtractFn, store, models, cfg.extract.precision, cols.image, view, cols.id),
+        producer=producer, fingerprint=digest(producer, cfg.extract.precision, cols.image, *([view] if view else [])),
+        actors=cfg.extract, id_col=cols.id,
         name="extract", carry=list(carried))
 
 
@@ -112,9 +120,9 @@ def carried_columns(store: Store, in_dir: str, cols: Columns, named: list[str], 
 
 
 def extract(cfg: Config, store: Store, split: str, models: dict[str, str], out_name: str,
-            input: str | None = None, output: str | None = None) -> dict:
+            input: str | None = None, output: str | None = None, view: int = 0) -> dict:
     """Embed an image lake with `models` ({output column: artefact name}); see extract_job."""
-    return filemap.run_into(cfg, extract_job(cfg, store, split, models, out_name, input, output),
+    return filemap.run_into(cfg, extract_job(cfg, store, split, models, out_name, input, output, view),
                             distribute.of(cfg, cfg.extract), output)
 
 
@@ -123,9 +131,16 @@ def stored(cfg: Config, store: Store, split: str = "test") -> dict:
     return extract(cfg, store, split, {"old": OLD, "side": SIDE}, STORED)
 
 
-def features(cfg: Config, store: Store, split: str) -> dict:
-    """The transformation's training features: id, old, side, new."""
-    return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW}, FEATURES)
+def features(cfg: Config, store: Store, split: str, view: int = 0) -> dict:
+    """The transformation's training features: id, old, side, new; with `view` > 0, of that augmented
+    view of the images (train.transformation.views)."""
+    return extract(cfg, store, split, {"old": OLD, "side": SIDE, "new": NEW}, layout.features_view(view), view=view)
+
+
+def feature_lakes(cfg: Config) -> list[tuple[str, int]]:
+    """(split, view) of every features lake h learns from and is tested on: both splits as stored, then
+    the train split's augmented views (train.transformation.views)."""
+    return [(s, 0) for s in layout.SPLITS] + [("train", v) for v in range(1, cfg.train.transformation.views + 1)]
 
 
 def version_features(cfg: Config, store: Store, split: str, k: int) -> dict:

@@ -112,18 +112,20 @@ class SimCLRTask(ImageTask):
 @dataclass
 class TransformationTask(Task):
     """h(old, side) -> new by MSE; with a classifier, plus its label-smoothed CE on h's output; with an
-    uncertainty head, FastFill's weighting of both by each item's predicted log-variance."""
+    uncertainty head, FastFill's weighting of both by each item's predicted log-variance. With `views`,
+    each item of a batch is one of its views drawn at random: the rows as stored or an augmented view."""
     store: Store = None
     features: str = ""  # directory of the feature lake's train split
     columns: dict = None  # role (id, old, side, new) -> column name
     arch: TransformationConfig = None
     classifier: torch.Tensor | None = None  # the frozen new model's classifier weight (classes, new_dim)
     labels: features.Labels | None = None  # with `classifier`: where each row's class is read
+    views: tuple[str, ...] = ()  # directories of augmented views of the same rows (their train splits)
 
     def dataset(self) -> TensorDataset:
         a = self.arch
-        x = features.read(self.store, self.features, self.columns, {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim},
-                          with_ids=True)
+        dims = {"old": a.old_dim, "side": a.side_dim, "new": a.new_dim}
+        x = features.views(self.store, (self.features, *self.views), self.columns, dims)  # (n, V, d) each
         y = self.labels.targets(self.store, x["id"].numpy()) if self.labels else np.zeros(len(x["id"]), np.int64)
         return TensorDataset(x["old"], x["side"], x["new"], torch.from_numpy(y))
 
@@ -134,7 +136,9 @@ class TransformationTask(Task):
         return torch.optim.Adam(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay)
 
     def loss(self, model, batch):
-        old, side, new, y = batch
+        old, side, new, y = batch  # (B, V, d) each: V views of every item
+        pick = (torch.arange(len(y), device=y.device), torch.randint(old.shape[1], (len(y),), device=y.device))
+        old, side, new = old[pick], side[pick], new[pick]  # (B, d): one view per item
         h = model.module if hasattr(model, "module") else model  # DDP wraps it; the head is called on the output
         pred = model(old, side)
         weight = self.opt.classification_weight if self.classifier is not None else 0.0

@@ -200,15 +200,32 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
     t = cfg.models.transformation
     arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side, t.uncertainty)
     classifier, labels, fc_version = new_classifier(cfg, store, f, upgrade.target if upgrade else NEW)
+    views = view_lakes(cfg, store, f) if upgrade is None else []
     key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key,
-                 fc_version)
+                 fc_version, *[lake.identity(store, v) for v in views])
     task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch,
-                              classifier=classifier, labels=labels)
-    meta = {"kind": "transformation", "arch": arch, "dims": dims, "uses_side_info": use_side,
+                              classifier=classifier, labels=labels, views=tuple(views))
+    meta = {"kind": "transformation", "arch": arch, "dims": dims, "uses_side_info": use_side, "views": len(views),
             "producers": {r: f.versions.get(r) for r in ("old", "side", "new")}, "features": store.uri(f.train),
             "classifier": fc_version}
     return _run(cfg, store, name, key, task, meta, force,
                 lambda m: (m, transformation_error(m, store, f.test, columns, dims)), cfg.train.transformation.num_workers)
+
+
+def view_lakes(cfg: Config, store: Store, f: feature_lakes.Features) -> list[str]:
+    """The train splits of the augmented views of fct's own features (train.transformation.views), each
+    extracted first; a lake you bring has none (its images are not here)."""
+    n = cfg.train.transformation.views
+    if n and not f.own:
+        log.warning("[h] train.transformation.views=%d needs the images: %s is trained on its rows as stored", n,
+                    store.uri(f.train))
+        return []
+    out = [layout.embeddings(store, layout.features_view(v), "train") for v in range(1, n + 1)]
+    for v, d in enumerate(out, 1):
+        if not currency.has_manifest(store, d):
+            raise LakeError(f"{store.uri(d)}: no finished view {v} of the train features (train.transformation.views="
+                            f"{n}); extract it first (fct upgrade does)")
+    return out
 
 
 def train_side_by_side(cfg: Config, store: Store, runs: list[dict], force: bool = False) -> list[dict]:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from fct_dist import config, evaluation, features, layout, ranking
+from fct_dist import config, evaluation, features, ranking
 from fct_dist.models import registry
 from fct_dist.pipeline import extract
 from fct_dist.runtime import init_ray
@@ -42,7 +42,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     root = f"{a.work}/{a.name}"
     if not os.path.exists(root):
-        for part in ("models", "images", "embeddings/features"):  # features: re-extracted when missing
+        views = [f"embeddings/{d}" for d in os.listdir(f"{a.root}/embeddings") if d.startswith("features-view")]
+        for part in ("models", "images", "embeddings/features", *views):  # features: re-extracted when missing
             if os.path.exists(f"{a.root}/{part}"):
                 shutil.copytree(f"{a.root}/{part}", f"{root}/{part}")
         for m in ("fct", "fct-noside"):
@@ -52,8 +53,8 @@ def main() -> None:
     init_ray(cfg)
     t0 = time.time()
     stages.train_side_info(cfg, store)
-    for split in layout.SPLITS:
-        extract.features(cfg, store, split)
+    for split, view in extract.feature_lakes(cfg):
+        extract.features(cfg, store, split, view)
     t1 = time.time()
     stages.train_transformation(cfg, store)
     seconds = time.time() - t1
