@@ -131,8 +131,6 @@ class TransformationTrain(Optim):
     classification_weight: float = num(0.03, 0.0, 100.0)
     label_smoothing: float = num(0.1, 0.0, 1.0)
     mu_uncertainty: float = num(0.5, 0.0, 100.0)
-    relational_weight: float = num(0.0, 0.0, 100.0)
-    relational_temperature: float = num(0.1, 1e-4, 100.0)
 
 
 @dataclass

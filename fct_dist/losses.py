@@ -33,33 +33,16 @@ def bct_influence(new_emb: torch.Tensor, labels: torch.Tensor, old_fc: torch.Ten
     return F.cross_entropy(new_emb[known] @ old_fc.T, idx[known])
 
 
-def relational(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per item: the cross-entropy of new_i's neighbours among h's outputs (B, d) against its neighbours
-    among the new embeddings (B, d), each a softmax over the batch's other items of -squared L2 distance /
-    (temperature x the batch's mean new/new distance): new-model queries against h's gallery should rank
-    the gallery as they rank the new model's own. (B,)"""
-    d_new, d_h = torch.cdist(target, target) ** 2, torch.cdist(target, pred) ** 2  # (B, B): query i, gallery j
-    t = temperature * d_new.mean().detach()
-    own = torch.eye(len(pred), dtype=torch.bool, device=pred.device)  # a query's own item is not ranked
-    p = torch.softmax((-d_new / t).masked_fill(own, float("-inf")), 1)
-    log_q = torch.log_softmax((-d_h / t).masked_fill(own, float("-inf")), 1)
-    return -(p * log_q.masked_fill(own, 0.0)).sum(1)
-
-
 def transformation(pred: torch.Tensor, target: torch.Tensor, log_var: torch.Tensor | None = None,
                    logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   classification_weight: float = 0.0, smoothing: float = 0.1, mu: float = 0.5,
-                   relational_weight: float = 0.0, temperature: float = 0.1) -> torch.Tensor:
+                   classification_weight: float = 0.0, smoothing: float = 0.1, mu: float = 0.5) -> torch.Tensor:
     """Per item L = squared error to the new embedding (mean over dims) + classification_weight x the
-    label-smoothed CE of the frozen new classifier's `logits` on h's output + relational_weight x
-    `relational`; with FastFill's log-variance s per item, the loss is mean(0.5 exp(-s) L + mu s), else
-    mean(L)."""
+    label-smoothed CE of the frozen new classifier's `logits` on h's output; with FastFill's log-variance
+    s per item, the loss is mean(0.5 exp(-s) L + mu s), else mean(L)."""
     per_item = ((pred - target) ** 2).mean(1)  # (B,)
     if classification_weight:
         per_item = per_item + classification_weight * F.cross_entropy(logits, labels, label_smoothing=smoothing,
                                                                        reduction="none")
-    if relational_weight:
-        per_item = per_item + relational_weight * relational(pred, target, temperature)
     if log_var is None:
         return per_item.mean()
     return (0.5 * torch.exp(-log_var) * per_item + mu * log_var).mean()

@@ -95,22 +95,3 @@ def test_resnet50_layout_has_torchvisions_parameter_count():
     assert sum(p.numel() for p in m.parameters()) == 23_508_032 + 262_144 + 256
     with torch.no_grad():
         assert m(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 128)
-
-
-def test_the_ranking_term_has_its_hand_computed_value():
-    """Three items on a line: new at 0, 1, 3 and h's outputs at 0, 2, 3. The query new_0's neighbours
-    among the others: new/new distances 1 and 9, new/h distances 4 and 9 (its own item left out); the
-    temperature is 0.5 x the mean of the 9 new/new distances (0, 1, 9; 1, 0, 4; 9, 4, 0: 28 / 9)."""
-    new, h = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.0], [2.0], [3.0]])
-    t = 0.5 * 28 / 9
-    d_new = [[1, 9], [1, 4], [9, 4]]  # per query: the others, in item order
-    d_h = [[4, 9], [1, 4], [9, 1]]  # new_1's neighbours sit where they do among new's: only its entropy
-
-    def ce(a, b):
-        p = [math.exp(-x / t) / sum(math.exp(-y / t) for y in a) for x in a]
-        q = [math.log(math.exp(-x / t) / sum(math.exp(-y / t) for y in b)) for x in b]
-        return -sum(pi * qi for pi, qi in zip(p, q))
-    want = [ce(a, b) for a, b in zip(d_new, d_h)]
-    assert losses.relational(h, new, 0.5).tolist() == pytest.approx(want, rel=1e-5)
-    same = losses.relational(new, new, 0.5)  # h = new: the entropy of new's own neighbours, the least it can be
-    assert float(same[1]) == pytest.approx(want[1]) and float(same[0]) < want[0] and float(same[2]) < want[2]

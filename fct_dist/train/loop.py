@@ -145,7 +145,7 @@ class TransformationTask(Task):
         return losses.transformation(
             pred, new, h.log_variance(pred) if self.arch.uncertainty else None,
             pred @ self.classifier.to(pred.device).T if weight else None, y, weight, self.opt.label_smoothing,
-            self.opt.mu_uncertainty, self.opt.relational_weight, self.opt.relational_temperature)
+            self.opt.mu_uncertainty)
 
     def epoch_start(self, model, epoch):
         if epoch >= round((1 - self.opt.freeze_bn_fraction) * self.opt.epochs):
