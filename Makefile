@@ -41,7 +41,7 @@ test: $(STAMP)
 
 # the tier to run while working: unit and local-engine tests, no S3 server, no trained session, no cluster
 test-fast: $(STAMP)
-	$(PY) -m pytest -q --durations=10 -m "not slow and not s3 and not cluster and not gpu" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow and not s3 and not cluster and not gpu" tests
 
 bench: $(STAMP)
 	$(VENV)/bin/fct bench --config $(CONFIG)
