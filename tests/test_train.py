@@ -224,7 +224,7 @@ def test_h_learns_from_its_augmented_views(ray_local, trained, tmp_path):
     with torch.no_grad():  # in batches of 7: a view is its image's, not its batch's
         x = torch.cat([augment.shift_of(torch.from_numpy(images[order][i:i + 7]), [(1, int(j)) for j in ids[order][i:i + 7]])
                        for i in range(0, len(ids), 7)])
-        for k, name in enumerate(("old", "side", "new")):
+        for name in ("old", "side", "new"):
             module, meta = registry.load(store, name)
             want = registry.embedder(meta["kind"], module)(x).numpy()
             np.testing.assert_allclose(got[name][:, 1].numpy(), want, atol=1e-4)
@@ -241,9 +241,8 @@ def test_each_item_of_a_batch_is_one_of_its_views_at_random():
     h = task.model().eval()
     torch.manual_seed(0)
     old, side = torch.randn(4000, 8), torch.randn(4000, 8)
-    with torch.no_grad():
-        pred = h(old, side)
     two = lambda a, b: torch.stack([a, b], 1)  # noqa: E731 - (n, 2, d)
     with torch.no_grad():
+        pred = h(old, side)
         loss = float(task.loss(h, [two(old, old), two(side, side), two(pred, pred + 1), torch.zeros(4000, dtype=torch.long)]))
     assert 0.45 < loss < 0.55, loss

@@ -49,18 +49,19 @@ class ExtractFn:
                 reasons.append(f"image does not decode ({type(e).__name__}: {e})")
         if not fitted:
             return invalid, reasons, {c: np.zeros((0, d), np.float32) for c, d in self.dims.items()}
-        out = {}
+        # (refill's batches carry no ids: they are never views)
+        seeds = [(self.view, int(i)) for i in rb.column(self.id_col).to_numpy()[~invalid]] if self.view else None
+        out, batches = {}, {}  # batches: way -> (B, C, H, W), stacked (and shifted) once for its models
         for col, m in self.models.items():
             k = self.distinct.index(self.ways[col])
             shapes = {f[k].shape for f in fitted}
             if len(shapes) > 1:  # images as stored (fct's own models) must share one size
                 raise LakeError(f"images of different sizes {sorted(shapes)} for model column {col!r}; expected one "
                                 "size per lake (give the model a card with input_size)")
-            x = torch.from_numpy(np.stack([f[k] for f in fitted])).to(self.device)
-            if self.view:  # (refill's batches carry no ids: they are never views)
-                ids = rb.column(self.id_col).to_numpy()[~invalid]
-                x = augment.shift_of(x, [(self.view, int(i)) for i in ids])
-            out[col] = m(x).float().cpu().numpy()
+            if k not in batches:
+                x = torch.from_numpy(np.stack([f[k] for f in fitted])).to(self.device)
+                batches[k] = augment.shift_of(x, seeds) if seeds else x
+            out[col] = m(batches[k]).float().cpu().numpy()
         return invalid, reasons, out
 
 
