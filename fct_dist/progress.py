@@ -11,6 +11,11 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
+def rate(count: float, seconds: float) -> float:
+    """count / seconds to four significant figures: a slow run's rate keeps its digits (0.1556/s, not 0.16)."""
+    return float(f"{count / seconds:.4g}")
+
+
 class Bar:
     """Progress of `total` units of work, with a postfix such as rows/s or the loss."""
 

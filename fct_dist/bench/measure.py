@@ -17,6 +17,7 @@ from ..lake import LakeError
 from ..config import Columns
 from ..models import registry
 from ..pipeline.backfill import TransformFn
+from ..progress import rate
 from ..storage import Store
 
 
@@ -99,7 +100,7 @@ def measured(work: Callable[[], dict], gpus: float) -> dict:
     with Usage() as u:
         r = work()
     seconds, rows = time.time() - t0, r["rows"]
-    return r | {"seconds": round(seconds, 4), "wall_items_per_second": round(rows / seconds, 2), "gpus": gpus,
+    return r | {"seconds": round(seconds, 4), "wall_items_per_second": rate(rows, seconds), "gpus": gpus,
                 "cpu_seconds": round(u.cpu_seconds, 4),
                 "cpu_seconds_per_million": round(u.cpu_seconds / rows * 1e6, 1),
                 "gpu_seconds_per_million": round(gpus * seconds / rows * 1e6, 1),
@@ -130,7 +131,7 @@ def plain_copy(store: Store, in_dir: str, out_dir: str, batch_size: int) -> dict
                 w.write_batch(pa.record_batch([rb.column(0), rb.column(1)], names=["id", "emb"]))
                 rows += rb.num_rows
         store.write_bytes(f"{out_dir}/{path.rsplit('/', 1)[1]}", sink.getvalue())
-    return {"rows": rows, "bytes_in": nbytes, "output": out_dir, "items_per_second": round(rows / (time.time() - t0), 1),
+    return {"rows": rows, "bytes_in": nbytes, "output": out_dir, "items_per_second": rate(rows, time.time() - t0),
             "startup_seconds": 0.0}
 
 
@@ -149,7 +150,7 @@ def compute_only(store: Store, h_name: str, precision: str, batch_size: int, row
             fn.h(x["old"], x["side"])
         sync()
     seconds = time.time() - t0
-    return {"rows": n * batch_size, "items_per_second": round(n * batch_size / seconds, 1), "batch_size": batch_size,
+    return {"rows": n * batch_size, "items_per_second": rate(n * batch_size, seconds), "batch_size": batch_size,
             "threads": torch.get_num_threads(), "device": str(fn.device), "precision": precision}
 
 

@@ -8,6 +8,7 @@ import time
 
 from .. import lake, snapshots
 from ..lease import Lease
+from ..progress import rate
 from .filejob import FileJob, Input, InputChanged
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def commit(job: FileJob, lease: Lease, at: snapshots.Base, results: list[dict], 
         "fn_seconds": round(fn_seconds, 3), "fn_busy": round(busy, 3) if busy is not None else None,
         "files": len(results), "files_quarantined": len(quarantined), "quarantined": quarantined, "true_rows": trues,
         "rows_unknown_files": [store.uri(r["input"]["path"]) for r in unknown],
-        "rows_per_second": round(mapped_rows / timing["map_seconds"], 1) if mapped_rows else None}
+        "rows_per_second": rate(mapped_rows, timing["map_seconds"]) if mapped_rows else None}
     manifest = {"kind": "embeddings", "stage": job.name, "fingerprint": job.fingerprint,
                 "producer": job.producer, "source": lake.pinned(store, job.in_dir) or store.uri(job.in_dir),
                 "files": snapshots.file_entries(store, job.out_dir, [r["output"] for r in results]),
