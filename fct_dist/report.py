@@ -15,13 +15,27 @@ from .storage import Store
 
 log = logging.getLogger(__name__)
 
-GOALS = ("FCT with side-info closes >= 95 % of the old->new gap in top-1 and >= 97 % in mAP",
-         "side-info earns its storage: FCT with side-info beats FCT without by >= 1.5 top-1 points",
+GOALS = ("FCT with side-info closes >= 95 % of the old->new gap in top-1 and >= 100 % in mAP",
+         "side-info earns its storage: FCT with side-info beats FCT without by >= 2 top-1 points",
          "FCT beats BCT in top-1 and mAP (the paper's headline)",
          "re-extraction by uncertainty: its backfill curve's AUC is at least half-way from the random order's to "
          "the oracle's (top-1 and mAP)",
-         "after {n} upgrades ({chain}) the better strategy closes >= 90 % of the v1/v1 -> v{k}/v{k} gap in top-1 "
-         "and >= 95 % in mAP")
+         "after {n} upgrades ({chain}) chained closes >= 90 % and direct >= 95 % of the v1/v1 -> v{k}/v{k} gap in "
+         "top-1")
+# FCT's published table (CVPR 2022, apple/ml-fct; ResNet-50-128): old/old, new/new, FCT with side-info, FCT
+# without, as top-1 and mAP %; the goals' figures of ours are shown beside what these give.
+ML_FCT = {"ImageNet-1k": {"top1": (46.4, 68.4, 65.1, 61.8), "map": (28.3, 45.6, 44.0, 39.9)},
+          "CIFAR-100": {"top1": (34.2, 56.5, 50.2, 47.2), "map": (16.5, 36.3, 32.2, 25.8)}}
+
+
+def reference() -> dict[str, str]:
+    """FCT's published shares of the gap and side-info's top-1 points, as the goals' lines show them."""
+    def share(t: tuple) -> float:
+        return 100 * (t[2] - t[0]) / (t[1] - t[0])
+    return {"gap": "; ".join(f"{d} {share(r['top1']):.0f} % / {share(r['map']):.0f} %" for d, r in ML_FCT.items()),
+            "side": "; ".join(f"{d} {r['top1'][2] - r['top1'][3]:+.1f}" for d, r in ML_FCT.items())}
+
+
 # FastFill's ImageNet-1k table (with side-info; Jaeckle et al., ICLR 2023): AUC of the backfill curve, %.
 FASTFILL_IMAGENET = {"random": {"top1": 64.7, "map": 42.6}, "uncertainty": {"top1": 67.8, "map": 46.2},
                      "new/new": {"top1": 68.2, "map": 45.3}}
@@ -44,14 +58,14 @@ def goals(cases: list[dict]) -> list[dict]:
     if not all(k in by for k in need):
         return []
     oo, nn, f, fn, b = (by[k] for k in need)
-    gap = gap_closed(cases, FCT)
+    gap, ref = gap_closed(cases, FCT), reference()
     closed = gap["top1"] is not None and gap["map"] is not None
     return [
-        {"goal": GOALS[0], "met": closed and gap["top1"] >= 0.95 and gap["map"] >= 0.97,
-         "measured": f"top-1 {100 * gap['top1']:.1f} %, mAP {100 * gap['map']:.1f} %" if closed
-         else "old and new models score the same: no gap to close"},
-        {"goal": GOALS[1], "met": f["top1"] - fn["top1"] >= 0.015,
-         "measured": f"{100 * (f['top1'] - fn['top1']):+.2f} top-1 points"},
+        {"goal": GOALS[0], "met": closed and gap["top1"] >= 0.95 and gap["map"] >= 1.0,
+         "measured": f"top-1 {100 * gap['top1']:.1f} %, mAP {100 * gap['map']:.1f} % (FCT's paper: {ref['gap']})"
+         if closed else "old and new models score the same: no gap to close"},
+        {"goal": GOALS[1], "met": f["top1"] - fn["top1"] >= 0.02,
+         "measured": f"{100 * (f['top1'] - fn['top1']):+.2f} top-1 points (FCT's paper: {ref['side']})"},
         {"goal": GOALS[2], "met": f["top1"] > b["top1"] and f["map"] > b["map"],
          "measured": f"top-1 {100 * (f['top1'] - b['top1']):+.1f}, mAP {100 * (f['map'] - b['map']):+.1f} points "
                      "(new/FCT vs BCT-new/old)"},
@@ -118,9 +132,11 @@ def versions_goal(cases: list[dict], runs: list[dict], k: int) -> tuple[dict | N
     lines += ["", f"- Better here: {named[best]} (more of the top-1 gap, then of the mAP gap); `versions.strategy: "
               "auto` serves it. References for what successive compatibility costs: FCT's own chain of updates and "
               "BT^2 (ICCV 2023).", ""]
-    g = gaps[best]
-    goal = {"goal": GOALS[4].format(n={2: "two", 3: "three"}.get(k - 1, k - 1), chain=chain, k=k), "met": g["top1"] >= 0.90 and g["map"] >= 0.95,
-            "measured": f"{named[best]}: top-1 {100 * g['top1']:.1f} %, mAP {100 * g['map']:.1f} %"}
+    want = {"chained": 0.90, "direct": 0.95}
+    goal = {"goal": GOALS[4].format(n={2: "two", 3: "three"}.get(k - 1, k - 1), chain=chain, k=k),
+            "met": all(g["top1"] >= want[named[s]] for s, g in gaps.items()),
+            "measured": "; ".join(f"{named[s]}: top-1 {100 * g['top1']:.1f} %, mAP {100 * g['map']:.1f} %"
+                                  for s, g in gaps.items())}
     return goal, lines
 
 
