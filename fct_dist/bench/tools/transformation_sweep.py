@@ -1,7 +1,8 @@
 """How does a transformation or side-info setting change quality? h trained with `--set` overrides on
 the demo's features (a copy of the models, images and features of a finished `make demo` root, so that
-root is untouched; overrides of models.side / train.side retrain the side-info model and re-extract the
-features first, the stages skipping what they leave current), then new/FCT and side/side top-1 and mAP
+root is untouched; overrides of models.old / train.old or models.side / train.side retrain that model and
+re-extract the features first, the stages skipping what they leave current), then new/FCT, side/side,
+old/old and new/new top-1 and mAP
 over all test queries (new/new and new/FCT top-1 also for the queries of the old model's classes and of
 the others) and the backfill curve's AUC per order (eval.curve_queries queries), printed as
 one JSON line.
@@ -52,6 +53,7 @@ def main() -> None:
     store = open_store(cfg.storage)
     init_ray(cfg)
     t0 = time.time()
+    stages.train_old(cfg, store)
     stages.train_side_info(cfg, store)
     for split, view in extract.feature_lakes(cfg):
         extract.features(cfg, store, split, view)
@@ -81,7 +83,8 @@ def main() -> None:
 
     side = x["side"].numpy()
     out = {"name": a.name, "sets": a.sets, "side_and_features_seconds": round(t1 - t0), "train_seconds": round(seconds),
-           "new_fct_top1_map": rank(g), "side_side_top1_map": rank_with(side, side)}
+           "new_fct_top1_map": rank(g), "side_side_top1_map": rank_with(side, side),
+           "old_old_top1_map": rank_with(x["old"].numpy(), x["old"].numpy()), "new_new_top1_map": rank(new)}
     h = registry.load(store, "fct")[0]  # its error on the data it saw and on the test split
     out["train_test_mse_over_variance"] = [stages.transformation_error(h, store, d, f.columns, f.dims)["test_mse_over_variance"]
                                            for d in (f.train, f.test)]
