@@ -62,18 +62,22 @@ def main() -> None:
         r = ranking.exact_ranking(new, labels, ids, gallery.numpy(), labels, ids, 1, cfg.eval.block_size)
         return [round(100 * float(r["cmc"][0]), 2), round(100 * float(r["map"]), 2)]
 
+    def error(gallery: torch.Tensor) -> float:
+        """Squared error over the new embeddings' total variance (1.0 = predicting their mean)."""
+        return round(float((gallery - x["new"]).pow(2).sum() / (x["new"] - x["new"].mean(0)).pow(2).sum()), 4)
+
     with torch.no_grad():
         h = registry.load(store, "fct")[0].eval()
         g = h(x["old"], x["side"])
         err = g - x["new"]
         out = {"root": a.root, "new_new": top1_map(x["new"]), "trained": top1_map(g),
                "same_error_shuffled": top1_map(x["new"] + err[torch.randperm(len(err), generator=torch.Generator().manual_seed(0))]),
-               "trained_mse_over_variance": round(float(err.pow(2).sum() / (x["new"] - x["new"].mean(0)).pow(2).sum()), 4)}
+               "trained_mse_over_variance": error(g)}
     fitted = fit(x, a.hidden, 256, a.epochs)
     with torch.no_grad():
         g = fitted(x["old"], x["side"])
         out |= {"fit_on_test": top1_map(g), "fit_on_test_hidden": a.hidden, "fit_on_test_epochs": a.epochs,
-                "fit_mse_over_variance": round(float((g - x["new"]).pow(2).sum() / (x["new"] - x["new"].mean(0)).pow(2).sum()), 4)}
+                "fit_mse_over_variance": error(g)}
     print(json.dumps(out), flush=True)
 
 
