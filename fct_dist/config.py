@@ -193,7 +193,7 @@ class Index:
 @dataclass
 class Eval:
     max_rank: int = num(20, 1, 10_000)
-    block_size: int = num(1024, 1, 1 << 20)
+    block_size: int = num(256, 1, 1 << 20)
     exact_max_gallery: int = num(200_000, 1)
     search_k: int = num(1000, 1, 100_000)
     split: str = "test"
