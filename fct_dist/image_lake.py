@@ -156,10 +156,21 @@ def read_images(store: Store, split: str, labels: Iterable[int] | None = None,
     image_manifest(store, split)
     table = read_lake(store, directory, {"id": pa.int64(), "image": pa.binary(), "label": pa.int32()})
     y = table["label"].to_numpy()
-    keep = np.isin(y, list(labels)) if labels is not None else np.ones(len(y), bool)
-    idx = np.flatnonzero(keep)[:limit]
+    idx = rows_of(y, labels, limit)
     ids = table["id"].to_numpy()[idx]
     return ids, decode_images(table["image"].take(idx), store.uri(directory), ids), y[idx]
+
+
+def rows_of(y: np.ndarray, labels: Iterable[int] | None = None, limit: int | None = None) -> np.ndarray:
+    """Positions of the rows whose label is in `labels` (None: all), the first `limit` of them."""
+    return np.flatnonzero(np.isin(y, list(labels)) if labels is not None else np.ones(len(y), bool))[:limit]
+
+
+def select(images: tuple[np.ndarray, np.ndarray, np.ndarray], labels: Iterable[int] | None = None,
+           limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """read_images' subset of a split it read whole: (ids, images, labels) of some labels / the first `limit`."""
+    idx = rows_of(images[2], labels, limit)
+    return tuple(a[idx] for a in images)
 
 
 def image_manifest(store: Store, split: str) -> dict:

@@ -32,6 +32,11 @@ def test_image_lake_round_trip(any_cfg):
     np.testing.assert_array_equal(y, labels)
     ids, x, y = image_lake.read_images(store, "train", labels=[1])
     np.testing.assert_array_equal(ids, [1, 3])
+    # the training stages' subset of the split decoded whole is read_images' own (labels first, then the limit)
+    for labels, limit in (([0, 1], 3), ([1], None), (None, 2)):
+        for got, want in zip(image_lake.select(image_lake.read_images(store, "train"), labels, limit),
+                             image_lake.read_images(store, "train", labels, limit)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_embedding_lake_round_trip_with_producer(any_cfg):

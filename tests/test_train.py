@@ -73,6 +73,23 @@ def test_artefact_meta_records_what_the_stage_saw(trained):
     assert bct["metrics"]["test_accuracy"] == pytest.approx(accuracy("bct"))
 
 
+def test_the_images_decoded_once_for_the_workers_follow_the_lake(ray_local, local_cfg):
+    """The stages hand their workers the train split decoded once (Ray's object store): asked again they get
+    the same object, and after the lake is refilled with other images, those images, not the ones before."""
+    import ray
+    from fct_dist import datasets
+    cfg = local_cfg()
+    store = open_store(cfg.storage)
+    datasets.fill(cfg, store)
+    first = stages.shared_images(cfg, store)
+    assert stages.shared_images(cfg, store) == first
+    datasets.fill(local_cfg("data.synthetic.seed=1"), store, force=True)
+    now = ray.get(stages.shared_images(cfg, store))
+    for got, want in zip(now, image_lake.read_images(store, "train")):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(now[1], ray.get(first)[1])
+
+
 def test_rerun_of_a_current_stage_is_skipped(ray_local, trained, caplog):
     cfg, store, _ = trained
     before = registry.read_meta(store, "old")

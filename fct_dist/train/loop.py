@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -57,11 +58,12 @@ class Task:
 @dataclass
 class ImageTask(Task):
     store: Store = None
+    images: ray.ObjectRef = None  # the train split, decoded once by the driver (stages.shared_images)
     arch: ResNetConfig = None
     labels: list[int] | None = None  # train on these classes only (None: all)
 
     def dataset(self) -> TensorDataset:
-        _, x, y = image_lake.read_images(self.store, "train", self.labels, self.opt.max_train_images)
+        _, x, y = image_lake.select(ray.get(self.images), self.labels, self.opt.max_train_images)
         target = np.searchsorted(np.asarray(self.classes()), y)
         return TensorDataset(torch.from_numpy(x), torch.from_numpy(target.astype(np.int64)))
 
