@@ -45,13 +45,15 @@ def test_cmc_and_map_match_brute_force_with_ties_and_singletons(seed):
     assert got["queries"] == counted and got["queries_without_match"] == 3
 
 
-def test_ranking_keys_sort_as_distance_then_gallery_order():
-    """The exact ranking sorts integer keys instead of argsorting floats: their order must be the stable
-    argsort's, negative distances (float cancellation), ties, zero and inf included."""
+def test_positive_places_are_the_stable_argsorts():
+    """The exact ranking places each positive by a float sort and counts its ties by column: the places must be
+    the stable argsort's, negative distances (float cancellation), ties, zero and inf included."""
     rng = np.random.default_rng(0)
     d = rng.choice(np.array([-2.5, -1e-7, 0.0, 1e-7, 0.5, 3.0, 1e30, np.inf], np.float32), (5, 200))
-    got = ranking.ranking_keys(d).argsort(axis=1)
-    np.testing.assert_array_equal(got, np.argsort(d, axis=1, kind="stable"))
+    pos = np.sort(rng.choice(200, 40, replace=False))
+    order = np.argsort(d, axis=1, kind="stable")
+    want = np.sort(np.argsort(order, axis=1)[:, pos], axis=1)  # each positive's position in its row's order
+    np.testing.assert_array_equal(ranking.positive_places(d, pos), want)
 
 
 def test_exact_ranking_of_a_larger_gallery_matches_brute_force():
