@@ -69,6 +69,9 @@ def positive_ranks(dist: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.nd
     return (n_neg[:, 0] + 1)[valid], (precision.sum(1) / np.maximum(n_pos, 1))[valid]
 
 
+MANY_TIES = 16  # tied positives in a row above which one stable argsort of the row beats a slice per tie
+
+
 def positive_places(dist: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """(b, P): each row's positives' places in its ranking (distance, then gallery column), ascending.
 
@@ -81,7 +84,13 @@ def positive_places(dist: np.ndarray, pos: np.ndarray) -> np.ndarray:
     place = torch.searchsorted(torch.from_numpy(ranked), torch.from_numpy(d)).numpy()
     # d itself is at `place`: the next distance equals it where it ties (the last item meets itself, counting 0)
     after = np.take_along_axis(ranked, np.minimum(place + 1, dist.shape[1] - 1), axis=1)
-    for r, j in zip(*np.nonzero(after == d)):  # a few per row: one slice each
+    tied = after == d
+    many = tied.sum(axis=1) > MANY_TIES
+    for r in np.flatnonzero(many):  # e.g. a collapsed model's equal vectors: the row's stable argsort
+        order = np.empty(dist.shape[1], np.intp)
+        order[np.argsort(dist[r], kind="stable")] = np.arange(dist.shape[1])
+        place[r] = order[pos]
+    for r, j in zip(*np.nonzero(tied & ~many[:, None])):  # a few per row: one slice each
         place[r, j] += np.count_nonzero(dist[r, :pos[j]] == d[r, j])
     return np.sort(place, axis=1)
 

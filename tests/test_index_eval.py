@@ -49,11 +49,14 @@ def test_positive_places_are_the_stable_argsorts():
     """The exact ranking places each positive by a float sort and counts its ties by column: the places must be
     the stable argsort's, negative distances (float cancellation), ties, zero and inf included."""
     rng = np.random.default_rng(0)
-    d = rng.choice(np.array([-2.5, -1e-7, 0.0, 1e-7, 0.5, 3.0, 1e30, np.inf], np.float32), (5, 200))
     pos = np.sort(rng.choice(200, 40, replace=False))
-    order = np.argsort(d, axis=1, kind="stable")
-    want = np.sort(np.argsort(order, axis=1)[:, pos], axis=1)  # each positive's position in its row's order
-    np.testing.assert_array_equal(ranking.positive_places(d, pos), want)
+    many = rng.choice(np.array([-2.5, -1e-7, 0.0, 1e-7, 0.5, 3.0, 1e30, np.inf], np.float32), (5, 200))
+    few = rng.normal(size=(5, 200)).astype(np.float32)
+    few[:, np.setdiff1d(np.arange(200), pos)[:6]] = few[:, pos[:6]]  # six positives tie with a negative, per row
+    for d in (many, few):  # all 40 positives tied (more than MANY_TIES: a stable argsort), six (a slice per tie)
+        order = np.argsort(d, axis=1, kind="stable")
+        want = np.sort(np.argsort(order, axis=1)[:, pos], axis=1)  # each positive's position in its row's order
+        np.testing.assert_array_equal(ranking.positive_places(d, pos), want)
 
 
 def test_exact_ranking_of_a_larger_gallery_matches_brute_force():
