@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from functools import partial
 import logging
 import time
 from typing import Callable
@@ -51,16 +52,16 @@ def run_once(cfg: Config, store: Store, force: bool = False) -> dict:
     step("train the old model", stages.train_old, cfg, store, force=force)
     step("train the side-info model", stages.train_side_info, cfg, store, force=force)
     step(f"extract the stored lake (old, side) of {split}", extract.stored, cfg, store, split)
-    step("train the new model", stages.train_new, cfg, store, force=force)
     if stages.bct_needs_old_embeddings(store):
         step("extract the old model's embeddings of train (BCT's class means)", extract.reextract, cfg, store, OLD,
              "train")
-    step("train BCT's new model (baseline)", stages.train_new, cfg, store, bct=True, force=force)
+    step("train the new model and BCT's (the baseline), side by side", stages.side_by_side, cfg,
+         [partial(stages.train_new, store=store, bct=b, force=force) for b in (False, True)])
     for s, v in extract.feature_lakes(cfg):
         what = f"augmented view {v} of {s}" if v else s
         step(f"extract the transformation's features (old, side, new) of {what}", extract.features, cfg, store, s, v)
-    step("train the transformation h, with and without side-info (side by side)", stages.train_side_by_side, cfg,
-         store, [{"use_side": True}, {"use_side": False}], force)
+    step("train the transformation h, with and without side-info (side by side)", stages.side_by_side, cfg,
+         [partial(stages.train_transformation, store=store, use_side=s, force=force) for s in (True, False)])
     # with a later version to come, the upgraded lake keeps the side-info for the next upgrade to read
     keep = dataclasses.replace(cfg, columns=dataclasses.replace(cfg.columns, keep=[cfg.columns.side]))
     step(f"backfill {split} with h: the upgraded lake", backfill.backfill, keep if last > 2 else cfg, store, FCT, split)
@@ -99,7 +100,7 @@ def upgrade_to(cfg: Config, store: Store, step: Steps, force: bool, k: int) -> N
              extract.version_features, cfg, store, s, k)
     ups = stages.upgrades_to(k)
     step(" and ".join(f"train {up.name}: h({up.roles['old']}, side) -> {target}" for up in ups) + " (side by side)",
-         stages.train_side_by_side, cfg, store, [{"upgrade": up} for up in ups], force)
+         stages.side_by_side, cfg, [partial(stages.train_transformation, store=store, upgrade=up, force=force) for up in ups])
     step(f"backfill {split} chained: h(v{k - 1} -> v{k}) on the upgraded lake", backfill.chained, cfg, store, k, split)
     step(f"backfill {split} direct: h(v1 -> v{k}) on the stored lake", backfill.backfill, cfg, store,
          layout.direct(k), split)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_h_trains_on_its_own_workers_with_all_the_training_cpus(sets, want):
     assert workers_of(cfg) == cfg.train.num_workers
 
 
+@pytest.mark.parametrize("workers, cpus, runs, want", [
+    (2, 1.0, 2, (1, 1.0)),  # the demo: one worker and one CPU each
+    (4, 0.5, 2, (2, 0.5)),
+    (3, 1.0, 2, (1, 1.5)),  # the third worker's CPU shared out, not left idle
+    (1, 1.0, 2, (1, 0.5)),  # never zero workers (0 would train in the driver)
+])
+def test_stages_side_by_side_share_the_workers_and_all_their_cpus(workers, cpus, runs, want):
+    cfg = make_cfg("/tmp/unused", f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}")
+    t = stages.share(cfg, runs).train
+    assert (t.num_workers, t.cpus_per_worker) == want
+    assert t.old == cfg.train.old and t.transformation == cfg.train.transformation
+
+
 def test_h_and_its_no_side_ablation_train_side_by_side(ray_local, trained, tmp_path):
     """On Ray Train workers, h and h without side-info train at once, each on one worker with half the
     training CPUs (one thread each): the two runs overlap in time."""
@@ -209,7 +223,8 @@ def test_h_and_its_no_side_ablation_train_side_by_side(ray_local, trained, tmp_p
     cfg = make_cfg(str(tmp_path / "root"), "versions.classes=[6, null]", "train.num_workers=2",
                    "train.transformation.epochs=2")
     t0 = time.time()
-    metas = stages.train_side_by_side(cfg, store, [{"use_side": True}, {"use_side": False}], force=True)
+    metas = stages.side_by_side(cfg, [partial(stages.train_transformation, store=store, use_side=s, force=True)
+                                      for s in (True, False)])
     wall = time.time() - t0
     assert [m["uses_side_info"] for m in metas] == [True, False]
     assert [registry.read_meta(store, n)["version"] for n in ("fct", "fct-noside")] == [m["version"] for m in metas]

@@ -11,7 +11,9 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import logging
+import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +31,7 @@ from ..models import ClassifierConfig, ResNetConfig, TransformationConfig, regis
 from ..runtime import init_ray
 from ..storage import Store
 from .loop import BctTask, ClassifierTask, ImageTask, SimCLRTask, Task, TransformationTask
-from .trainer import fit, workers_of
+from .trainer import fit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ def data_version(store: Store, split: str = "train") -> str:
 
 
 _SHARED: dict[tuple, ray.ObjectRef] = {}
+_SHARING = threading.Lock()
 
 
 def shared_images(cfg: Config, store: Store, split: str = "train") -> ray.ObjectRef:
@@ -48,11 +51,12 @@ def shared_images(cfg: Config, store: Store, split: str = "train") -> ray.Object
     init_ray(cfg)
     ctx = ray.get_runtime_context()
     key = (ctx.get_node_id(), ctx.get_job_id(), store.uri(layout.images(store, split)), data_version(store, split))
-    if key not in _SHARED:
-        for stale in [k for k in _SHARED if k[2] == key[2]]:  # an earlier session's or lake version's
-            del _SHARED[stale]
-        _SHARED[key] = ray.put(image_lake.read_images(store, split))
-    return _SHARED[key]
+    with _SHARING:  # stages side by side ask at once: one decodes, the other waits for its object
+        if key not in _SHARED:
+            for stale in [k for k in _SHARED if k[2] == key[2]]:  # an earlier session's or lake version's
+                del _SHARED[stale]
+            _SHARED[key] = ray.put(image_lake.read_images(store, split))
+        return _SHARED[key]
 
 
 def classes_of(cfg: Config, store: Store) -> tuple[list[int], list[int]]:
@@ -249,17 +253,24 @@ def view_lakes(cfg: Config, store: Store, f: feature_lakes.Features) -> list[str
     return out
 
 
-def train_side_by_side(cfg: Config, store: Store, runs: list[dict], force: bool = False) -> list[dict]:
-    """Several transformations at once (train_transformation's keyword arguments each, each naming another
-    artefact), each on an equal share of the training CPUs: h is a small MLP that scales poorly past a
-    core, so two at once finish sooner than one after the other. In the driver (train.num_workers=0) one
-    after the other."""
-    if workers_of(cfg, cfg.train.transformation.num_workers) == 0 or len(runs) < 2:
-        return [train_transformation(cfg, store, force=force, **r) for r in runs]
-    share = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                              cpus_per_worker=cfg.train.cpus_per_worker / len(runs)))
+def share(cfg: Config, runs: int) -> Config:
+    """The config of one of `runs` stages side by side: an equal share of the training workers (at least one
+    each) and of their CPUs, the CPUs all handed out."""
+    t = cfg.train
+    workers = max(1, t.num_workers // runs)
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        t, num_workers=workers, cpus_per_worker=t.cpus_per_worker * t.num_workers / (runs * workers)))
+
+
+def side_by_side(cfg: Config, runs: list[Callable[[Config], dict]]) -> list[dict]:
+    """Several training stages at once (each a stage function of the config it is given), each on its share
+    of the training workers and CPUs: on CPUs a stage's DDP workers wait on each other's steps and
+    all-reduces, so two stages of one worker each finish sooner than one after the other on two (measured
+    for h and for the ResNets: docs/ARCHITECTURE.md). In the driver (train.num_workers=0) one after the other."""
+    if cfg.train.num_workers == 0 or len(runs) < 2:
+        return [run(cfg) for run in runs]
     with ThreadPoolExecutor(len(runs)) as pool:
-        return [f.result() for f in [pool.submit(train_transformation, share, store, force=force, **r) for r in runs]]
+        return [f.result() for f in [pool.submit(run, share(cfg, len(runs))) for run in runs]]
 
 
 def new_classifier(cfg: Config, store: Store, f: feature_lakes.Features, target: str = NEW
