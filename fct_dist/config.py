@@ -287,7 +287,7 @@ class Config:
     data: Data = sub(Data)
     models: Models = sub(Models)
     train: Train = sub(Train)
-    extract: Actors = field(default_factory=lambda: Actors(batch_size=1024))
+    extract: Actors = field(default_factory=lambda: Actors(batch_size=128))  # CPU-sized: see config.yaml
     backfill: Actors = field(default_factory=lambda: Actors(batch_size=8192))
     columns: Columns = sub(Columns)
     index: Index = sub(Index)
