@@ -8,6 +8,8 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH   := $(if $(HAS_GPU),torch,torch==2.13.0)
 FLAVOUR := $(if $(HAS_GPU),gpu,cpu)
 STAMP   := $(VENV)/.installed-$(FLAVOUR)
+# the test tools (pytest, moto's S3 server, ...) only where tests run: `make demo` does not wait for them
+TESTS   := $(VENV)/.installed-$(FLAVOUR)-test
 
 .PHONY: install demo test test-fast bench scale chaos data clean-data versions
 
@@ -19,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	# pin the torch just installed: resolving the extras must not swap the CPU build for a CUDA one
 	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-pin.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[$(FLAVOUR)]"
+	touch $@
+
+$(TESTS): $(STAMP)
 	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e ".[$(FLAVOUR),test]"
 	touch $@
 
@@ -36,11 +42,11 @@ data: $(STAMP)
 
 # everything (CI), on two pytest-xdist workers, a module at a time in conftest's order: Ray's start-ups and
 # waits of one overlap the other's work (README, Development: the times)
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # the tier to run while working: unit and local-engine tests, no S3 server, no trained session, no cluster
-test-fast: $(STAMP)
+test-fast: $(TESTS)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow and not s3 and not cluster and not gpu" tests
 
 bench: $(STAMP)
@@ -51,5 +57,5 @@ scale: $(STAMP)
 	$(VENV)/bin/fct bench --profile scale --config $(CONFIG)
 
 # the fault soak: S3 faults through a proxy, killed actors and drivers, the bad-input table; ends with figures
-chaos: $(STAMP)
+chaos: $(TESTS)
 	$(PY) -m tests.harness.chaos --rounds 3
