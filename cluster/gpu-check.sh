@@ -44,6 +44,7 @@ PY
 python3 -m fct_dist.cli bench --set storage.root="$root" --set bench.rows=2000000 \
   --set "bench.scale_rows=[1000000, 2000000]" --set bench.rows_per_file=100000 \
   --set extract.num_actors=$gpus --set extract.gpus_per_actor=1 --set extract.cpus_per_actor=2 \
+  --set extract.batch_size=1024 \
   --set backfill.num_actors=$((2 * gpus)) --set backfill.gpus_per_actor=0.5 --set backfill.cpus_per_actor=1 \
   --set backfill.files_in_flight=2 \
   --set backfill.batch_size=65536 --set backfill.precision=bf16
