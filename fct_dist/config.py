@@ -111,7 +111,6 @@ class ImageTrain(Optim):
 @dataclass
 class ClassifierTrain(ImageTrain):
     label_smoothing: float = num(0.1, 0.0, 1.0)
-    micro_batch: Optional[int] = num(128, 1)
 
 
 @dataclass

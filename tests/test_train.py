@@ -278,27 +278,3 @@ def test_each_item_of_a_batch_is_one_of_its_views_at_random():
         pred = h(old, side)
         loss = float(task.loss(h, [two(old, old), two(side, side), two(pred, pred + 1), torch.zeros(4000, dtype=torch.long)]))
     assert 0.45 < loss < 0.55, loss
-
-
-def test_a_batch_stepped_in_micro_batches_has_the_whole_batchs_gradient():
-    """train.*.micro_batch: the pieces' gradients, each weighted by its share, sum to the gradient of the whole
-    batch's mean loss (BatchNorm in eval mode, so that the items do not couple); SimCLR's batch stays whole."""
-    from contextlib import nullcontext
-    from fct_dist.config import ClassifierTrain, SideTrain
-    from fct_dist.models import ResNetConfig
-    from fct_dist.train.loop import ClassifierTask, SimCLRTask, step_gradients
-    torch.manual_seed(0)
-    arch = ResNetConfig(in_channels=1, width=4, blocks=[1], emb_dim=8)
-    batch = [torch.randint(0, 255, (10, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 3, (10,))]
-    grads, losses_ = [], []
-    for micro in (None, 4):  # 4: pieces of 4, 4 and 2
-        task = ClassifierTask(opt=ClassifierTrain(augment=False, micro_batch=micro), arch=arch, num_classes=3)
-        torch.manual_seed(1)
-        model = task.model().eval()
-        assert len(task.pieces(batch)) == (1 if micro is None else 3)
-        losses_.append(step_gradients(task, model, batch, nullcontext()))
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert losses_[1] == pytest.approx(losses_[0], rel=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    simclr = SimCLRTask(opt=SideTrain(), arch=arch)
-    assert simclr.pieces(batch) == [batch]

@@ -7,7 +7,6 @@ the last one.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -55,11 +54,6 @@ class Task:
     def epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Hook after model.train() at the start of each epoch."""
 
-    def pieces(self, batch: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """The batch in the pieces the loss takes one backward pass at a time: whole, where the loss couples
-        its items (SimCLR's negatives)."""
-        return [batch]
-
 
 @dataclass
 class ImageTask(Task):
@@ -91,10 +85,6 @@ class ClassifierTask(ImageTask):
         x, y = batch
         _, logits = model(self.inputs(x))
         return losses.classification(logits, y, self.opt.label_smoothing)
-
-    def pieces(self, batch):
-        n = self.opt.micro_batch or len(batch[0])
-        return [[t[i:i + n] for t in batch] for i in range(0, len(batch[0]), n)]
 
 
 @dataclass
@@ -254,30 +244,18 @@ def run_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, lo
     for i, batch in enumerate(loader):
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(epoch * steps + i, total, warmup, opt.lr)
+        with amp:
+            loss = task.loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = step_gradients(task, model, batch, amp)
+        loss.backward()
         optimizer.step()
-        loss_sum, seen = loss_sum + loss * len(batch[0]), seen + len(batch[0])
+        loss_sum, seen = loss_sum + loss.item() * len(batch[0]), seen + len(batch[0])
         if rank == 0 and (i % 5 == 0 or i == steps - 1):  # fire and forget: the driver draws the bar
             board.put.remote(step=epoch * steps + i + 1, total=opt.epochs * steps,
-                             postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss:.4f} "
+                             postfix=f"epoch {epoch + 1}/{opt.epochs} loss {loss.item():.4f} "
                                      f"{seen * world / (time.time() - t0):.0f} items/s")
     return {"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "seconds": time.time() - t0,
             "items_per_s": seen * world / (time.time() - t0)}
-
-
-def step_gradients(task: Task, model: nn.Module, batch: list[torch.Tensor], amp) -> float:
-    """The batch's loss and its gradients, summed over the task's pieces of it, each weighted by its share of the
-    batch (DDP all-reduces once, at the last piece)."""
-    parts, total = task.pieces(batch), 0.0
-    for j, part in enumerate(parts):
-        last = j == len(parts) - 1
-        with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():
-            with amp:
-                loss = task.loss(model, part) * (len(part[0]) / len(batch[0]))
-            loss.backward()
-        total += loss.item()
-    return total
 
 
 def report(model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], rank: int) -> str:
