@@ -135,8 +135,7 @@ class TransformationTask(Task):
         return Transformation(self.arch)
 
     def optimizer(self, params):
-        # fused: one kernel over all parameters instead of a dozen ops per tensor, ~8 % of h's step on one CPU thread
-        return torch.optim.Adam(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=self.opt.lr, weight_decay=self.opt.weight_decay)
 
     def loss(self, model, batch):
         old, side, new, y = batch  # (B, V, d) each: V views of every item
