@@ -100,7 +100,8 @@ def upgrade_to(cfg: Config, store: Store, step: Steps, force: bool, k: int) -> N
              extract.version_features, cfg, store, s, k)
     ups = stages.upgrades_to(k)
     step(" and ".join(f"train {up.name}: h({up.roles['old']}, side) -> {target}" for up in ups) + " (side by side)",
-         stages.side_by_side, cfg, [partial(stages.train_transformation, store=store, upgrade=up, force=force) for up in ups])
+         stages.side_by_side, cfg,
+         [partial(stages.train_transformation, store=store, upgrade=up, force=force) for up in ups])
     step(f"backfill {split} chained: h(v{k - 1} -> v{k}) on the upgraded lake", backfill.chained, cfg, store, k, split)
     step(f"backfill {split} direct: h(v1 -> v{k}) on the stored lake", backfill.backfill, cfg, store,
          layout.direct(k), split)

@@ -269,8 +269,9 @@ def side_by_side(cfg: Config, runs: list[Callable[[Config], dict]]) -> list[dict
     for h and for the ResNets: docs/ARCHITECTURE.md). In the driver (train.num_workers=0) one after the other."""
     if cfg.train.num_workers == 0 or len(runs) < 2:
         return [run(cfg) for run in runs]
+    mine = share(cfg, len(runs))
     with ThreadPoolExecutor(len(runs)) as pool:
-        return [f.result() for f in [pool.submit(run, share(cfg, len(runs))) for run in runs]]
+        return [f.result() for f in [pool.submit(run, mine) for run in runs]]
 
 
 def new_classifier(cfg: Config, store: Store, f: feature_lakes.Features, target: str = NEW
