@@ -5,6 +5,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 
 import psutil
 import ray
@@ -34,13 +35,39 @@ def verbose() -> bool:
     return logging.getLogger("fct_dist").getEffectiveLevel() <= logging.DEBUG
 
 
+_STARTING = threading.Lock()
+
+
 def init_ray(cfg: Config) -> None:
-    """Join or start Ray once per process.
+    """Join or start Ray once per process, whichever thread asks first (stages side by side both ask).
 
     Inside a Ray job (RAY_JOB_ID set by the job supervisor) always join the job's cluster; otherwise
     `ray.address`: `local` starts a private local Ray (never attaches to one started by `ray start`)."""
-    if ray.is_initialized():
-        return
+    with _STARTING:  # two threads past an unlocked check would each start a local Ray
+        if ray.is_initialized():
+            return
+        if threading.current_thread() is threading.main_thread():
+            _start(cfg)
+            return
+        # a local Ray's node processes die with the thread that started them (Linux's parent-death signal follows
+        # the thread, not the process): a stage's thread that ends would take the cluster with it
+        started, failed = threading.Event(), []
+
+        def keeper() -> None:
+            try:
+                _start(cfg)
+            except BaseException as e:  # noqa: BLE001 - raised again in the thread that asked
+                failed.append(e)
+            started.set()
+            threading.Event().wait()
+
+        threading.Thread(target=keeper, name="ray-keeper", daemon=True).start()
+        started.wait()
+        if failed:
+            raise failed[0]
+
+
+def _start(cfg: Config) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray's workers' output and its own INFO lines go to its log files; `-v` shows them here too
     quiet = {"log_to_driver": verbose(), "logging_level": logging.DEBUG if verbose() else logging.ERROR}

@@ -2,6 +2,11 @@
 equals `fct backfill`'s."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import ray
@@ -65,3 +70,32 @@ def test_the_stage_functions_take_the_clis_parameters(stored):
     assert len(ids) == 120 and vectors.shape == (120, DIMS["new"])
     with pytest.raises(LakeError, match="no Parquet files"):
         fct_dist.backfill(input=str(tmp / "nothing"), output=str(tmp / "out2"), cfg=cfg)
+
+
+THREADS_START_RAY = """
+import json, threading, ray
+from fct_dist import config
+from fct_dist.runtime import init_ray
+cfg, start, seen = config.load(None, ["ray.num_cpus=2"]), threading.Barrier(2), []
+def stage():  # what two stages side by side do first, each in its own thread that then ends
+    start.wait()
+    init_ray(cfg)
+    seen.append(ray.get_runtime_context().gcs_address)
+threads = [threading.Thread(target=stage) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"seen": seen, "after": ray.get(ray.remote(lambda: ray.get_runtime_context().gcs_address).remote())}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.cluster
+def test_stages_in_threads_start_one_ray_that_outlives_them():
+    """Two threads asking for Ray at once get one local Ray, and it still runs tasks after both threads ended:
+    a thread that started it itself (Linux's parent-death signal follows the thread) takes it down when it
+    ends, and two unlocked checks start two."""
+    env = os.environ | {"RAY_gcs_rpc_server_reconnect_timeout_s": "5"}  # a lost GCS fails the run in seconds
+    r = subprocess.run([sys.executable, "-c", THREADS_START_RAY], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["seen"] == [out["after"]] * 2
