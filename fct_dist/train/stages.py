@@ -117,7 +117,7 @@ def train_old(cfg: Config, store: Store, force: bool = False) -> dict:
     """The old model: a small ResNet classifier on the old classes only."""
     _, old = classes_of(cfg, store)
     arch = ClassifierConfig(backbone_arch(cfg.models.old, store), len(old))
-    key = digest(cfg.fingerprint("models.old", "train.old"), old, data_version(store))
+    key = digest(cfg.fingerprint("models.old", "train.old", "train.precision"), old, data_version(store))
     task = ClassifierTask(opt=cfg.train.old, store=store, arch=arch.backbone, labels=old, num_classes=len(old))
     meta = {"kind": "classifier", "arch": arch, "classes": old, "dims": {"emb": arch.backbone.emb_dim},
             "data": data_version(store)}
@@ -129,7 +129,7 @@ def train_side_info(cfg: Config, store: Store, force: bool = False) -> dict:
     """The side-info encoder: SimCLR on the old classes' training images, labels unused."""
     _, old = classes_of(cfg, store)
     arch = backbone_arch(cfg.models.side, store)
-    key = digest(cfg.fingerprint("models.side", "train.side"), old, data_version(store))
+    key = digest(cfg.fingerprint("models.side", "train.side", "train.precision"), old, data_version(store))
     task = SimCLRTask(opt=cfg.train.side, store=store, arch=arch, labels=old, proj_dim=cfg.models.side.proj_dim)
     meta = {"kind": "encoder", "arch": arch, "classes": old, "dims": {"emb": arch.emb_dim},
             "data": data_version(store)}
@@ -177,7 +177,7 @@ def train_new(cfg: Config, store: Store, bct: bool = False, force: bool = False,
         extra = {"old_fc": old_fc, "old_index": index}
         compat = {"compatible_with": {OLD: old_meta["version"]}}
     arch = ClassifierConfig(backbone_arch(cfg.models.new, store, emb_dim), len(labels))
-    key = digest(cfg.fingerprint("models.new", f"train.{BCT if bct else NEW}"), data_version(store),
+    key = digest(cfg.fingerprint("models.new", f"train.{BCT if bct else NEW}", "train.precision"), data_version(store),
                  (compat | subset) or None)
     task = (BctTask if bct else ClassifierTask)(opt=opt, store=store, arch=arch.backbone, labels=labels if subset else None,
                                                 num_classes=len(labels), **extra)
@@ -226,8 +226,8 @@ def train_transformation(cfg: Config, store: Store, use_side: bool = True, force
     arch = TransformationConfig(dims["old"], dims["side"], dims["new"], t.branch, t.hidden, use_side, t.uncertainty)
     classifier, labels, fc_version = new_classifier(cfg, store, f, upgrade.target if upgrade else NEW)
     views = view_lakes(cfg, store, f) if upgrade is None else []
-    key = digest(cfg.fingerprint("models.transformation", "train.transformation"), dataclasses.asdict(arch), f.key,
-                 fc_version, *[lake.identity(store, v) for v in views])
+    key = digest(cfg.fingerprint("models.transformation", "train.transformation", "train.precision"),
+                 dataclasses.asdict(arch), f.key, fc_version, *[lake.identity(store, v) for v in views])
     task = TransformationTask(opt=cfg.train.transformation, store=store, features=f.train, columns=columns, arch=arch,
                               classifier=classifier, labels=labels, views=tuple(views))
     meta = {"kind": "transformation", "arch": arch, "dims": dims, "uses_side_info": use_side, "views": len(views),

@@ -94,7 +94,7 @@ def fit(task: Task, stage: str, run_name: str, cfg: Config, store: Store, worker
     drawer = threading.Thread(target=follow, args=(board, stage, stop), daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "stage": stage, "board": board},
+        train_loop_config={"task": task, "stage": stage, "board": board, "precision": cfg.train.precision},
         scaling_config=scaling(cfg, workers),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=layout.checkpoints(store), storage_filesystem=store.fs,
