@@ -278,3 +278,35 @@ def test_each_item_of_a_batch_is_one_of_its_views_at_random():
         pred = h(old, side)
         loss = float(task.loss(h, [two(old, old), two(side, side), two(pred, pred + 1), torch.zeros(4000, dtype=torch.long)]))
     assert 0.45 < loss < 0.55, loss
+
+
+def test_train_precision_reaches_the_steps_and_keeps_weights_fp32(ray_local, trained, tmp_path):
+    """train.precision=bf16 trains h's matmuls in bf16 (autocast): not the fp32 run's weights, which are
+    the same run after run, yet as good; the weights stay fp32, and each precision is its own artefact."""
+    _, src, _ = trained
+    store = open_store(Storage(root=str(tmp_path / "root")))
+    for part in ("images", "models", "embeddings/features"):
+        copy_tree(src, store, part)
+    runs = {}
+    for p in ("fp32", "fp32", "bf16"):
+        cfg = make_cfg(str(tmp_path / "root"), "versions.classes=[6, null]", "train.num_workers=0",
+                       "train.transformation.epochs=2", f"train.precision={p}")
+        meta = stages.train_transformation(cfg, store, force=True)
+        h, _ = registry.load(store, "fct")
+        runs.setdefault(p, []).append((meta, torch.cat([t.flatten() for t in h.state_dict().values()
+                                                        if t.is_floating_point()])))
+        assert {e["precision"] for e in meta["metrics"]["history"]} == {"float32" if p == "fp32" else "bfloat16"}
+        assert {t.dtype for t in h.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    (a, wa), (b, wb), (c, wc) = runs["fp32"] + runs["bf16"]
+    assert torch.equal(wa, wb) and not torch.allclose(wa, wc, atol=1e-3)
+    assert a["key"] == b["key"] != c["key"]
+    mse = [m["metrics"]["test_mse_over_variance"] for m in (a, c)]
+    assert mse[1] < 1.1 * mse[0], mse
+
+
+@pytest.mark.parametrize("setting, device, want", [
+    ("auto", "cuda", torch.bfloat16), ("fp32", "cuda", torch.float32), ("bf16", "cpu", torch.bfloat16),
+    ("fp32", "cpu", torch.float32)])
+def test_train_precision_resolves_on_the_worker_s_device(setting, device, want):
+    from fct_dist.runtime import train_dtype
+    assert train_dtype(setting, torch.device(device)) == want
