@@ -98,13 +98,18 @@ def want_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def cpu_flags() -> set[str]:
-    """This machine's CPU feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+def cpuinfo(*names: str) -> str | None:
+    """The first of these fields of Linux's /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next(line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))))
-    except (OSError, StopIteration):
-        return set()
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(names)), None)
+    except OSError:
+        return None
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (x86's `flags`, Arm's `Features`; empty where unknown)."""
+    return set((cpuinfo("flags", "Features") or "").split())
 
 
 def train_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -118,11 +123,7 @@ def train_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> dict:
